@@ -1,0 +1,191 @@
+"""``mdlogger-supervisor``: run the service, look at what it captured, try it on fakes.
+
+    mdlogger-supervisor [--config PATH] [--debug] [run [--exchanges a,b]]
+    mdlogger-supervisor dump EXCHANGE SYMBOL {MD|TRADES} YYYY-MM-DD
+    mdlogger-supervisor demo            # the service on built-in simulated exchanges
+
+Configuration errors print one line naming the file, the key and what was
+expected, and exit with status 2 before any process is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import click
+import yaml
+
+from .settings import EXCHANGES, ConfigError, load_settings
+
+EXIT_CONFIG = 2
+DEFAULT_CONFIGS = ("etc/logger.yaml", "/etc/mdlogger/logger.yaml")
+
+
+def _config_path(path: str | None) -> str | None:
+    if path is not None:
+        return path
+    env = os.environ.get("MDLOGGER_CONFIG")
+    if env:
+        return env
+    for candidate in DEFAULT_CONFIGS:
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _fail_config(exc: Exception) -> None:
+    click.echo("mdlogger-supervisor: config error: %s" % exc, err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _exchange_overrides(exchanges: str | None) -> dict:
+    if not exchanges:
+        return {}
+    wanted = [x.strip().lower() for x in exchanges.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in EXCHANGES]
+    if unknown:
+        raise ConfigError("command line", "--exchanges", "expected names among %s, got %r" % (", ".join(EXCHANGES), ",".join(unknown)))
+    return {"exchanges.%s.enabled" % x: (x in wanted) for x in EXCHANGES}
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", "config", type=str, default=None, help="YAML configuration (default: etc/logger.yaml, then /etc/mdlogger/logger.yaml).")
+@click.option("--debug", is_flag=True, help="Log at debug level.")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, debug: bool) -> None:
+    """mdlogger: capture exchange trades and tickers into columnar files."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+    ctx.obj["debug"] = debug
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+@main.command()
+@click.option("--exchanges", default=None, help="Comma-separated exchanges to run (others disabled).")
+@click.option("--data-path", default=None, help="Override logger.data_path.")
+@click.option("--health-port", type=int, default=None, help="Override logger.health_check_port.")
+@click.pass_context
+def run(ctx: click.Context, exchanges: str | None, data_path: str | None, health_port: int | None) -> None:
+    """Run the supervisor (the default command)."""
+    try:
+        overrides = _exchange_overrides(exchanges)
+        if data_path is not None:
+            overrides["logger.data_path"] = data_path
+        if health_port is not None:
+            overrides["logger.health_check_port"] = health_port
+        settings = load_settings(_config_path(ctx.obj["config"]), os.environ, overrides)
+    except ConfigError as exc:
+        _fail_config(exc)
+    sys.exit(_run_supervisor(settings, ctx.obj["debug"]))
+
+
+def _run_supervisor(settings, debug: bool) -> int:
+    from .logs import configure_root
+    from .notify import systemd_notifier
+    from .supervisor import Supervisor
+
+    level = logging.DEBUG if debug else getattr(logging, settings.logger.log_level, logging.INFO)
+    configure_root(level)
+    supervisor = Supervisor(settings, log_level=level)
+    supervisor.notify = systemd_notifier()
+    return supervisor.run()
+
+
+@main.command()
+@click.argument("exchange", type=click.Choice(EXCHANGES))
+@click.argument("symbol")
+@click.argument("table", type=click.Choice(["MD", "TRADES"], case_sensitive=False))
+@click.argument("day")
+@click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
+@click.pass_context
+def dump(ctx: click.Context, exchange: str, symbol: str, table: str, day: str, data_path: str | None) -> None:
+    """Print one table of one symbol and UTC day (YYYY-MM-DD) as CSV."""
+    from .reader import dump_csv
+
+    if data_path is None:
+        try:
+            data_path = load_settings(_config_path(ctx.obj["config"]), os.environ, None, check_resources=False).logger.data_path
+        except ConfigError as exc:
+            _fail_config(exc)
+    try:
+        dump_csv(data_path, exchange, symbol.upper(), table.upper(), day, sys.stdout)
+    except (FileNotFoundError, ValueError) as exc:
+        click.echo("mdlogger-supervisor dump: %s" % exc, err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--data-path", default="./mdlogger-demo-data", show_default=True)
+@click.option("--health-port", type=int, default=8080, show_default=True)
+@click.option("--rate", type=float, default=5.0, show_default=True, help="Trades per second per symbol.")
+@click.option("--mode", type=click.Choice(["steady", "firehose"]), default="steady", show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode: str) -> None:
+    """Run the service against built-in simulated exchanges on loopback."""
+    fake = start_fake("binance", mode=mode, rate=rate)
+    try:
+        config = demo_config(fake.port, data_path, health_port)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mdlogger-demo-", delete=False) as fh:
+            yaml.safe_dump(config, fh)
+            path = fh.name
+        try:
+            settings = load_settings(path, {}, None)
+        except ConfigError as exc:
+            _fail_config(exc)
+        click.echo("demo: fake binance on 127.0.0.1:%d, data in %s, health on http://127.0.0.1:%d/health"
+                   % (fake.port, os.path.abspath(data_path), health_port), err=True)
+        code = _run_supervisor(settings, ctx.obj["debug"])
+    finally:
+        fake.stop()
+    sys.exit(code)
+
+
+def demo_config(port: int, data_path: str, health_port: int, symbols=None) -> dict:
+    return {
+        "logger": {"data_path": data_path, "health_check_port": health_port, "flush_interval_secs": 1.0},
+        "exchanges": {
+            "binance": {
+                "enabled": True,
+                "ws_endpoint": "ws://127.0.0.1:%d" % port,
+                "rest_endpoint": "http://127.0.0.1:%d" % port,
+                "symbols": list(symbols or []),
+                "symbols_per_connection": 3,
+            }
+        },
+    }
+
+
+class FakeProcess:
+    """A fake exchange in its own process (python -m mdlogger.fakes)."""
+
+    def __init__(self, exchange: str, args: list[str]):
+        cmd = [sys.executable, "-m", "mdlogger.fakes", exchange, "--port", "0"] + args
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "READY":
+            self.stop()
+            raise RuntimeError("fake %s did not start (said %r)" % (exchange, line))
+        self.port = int(line[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_fake(exchange: str, mode: str = "steady", rate: float = 5.0, extra: list[str] | None = None) -> FakeProcess:
+    return FakeProcess(exchange, ["--mode", mode, "--rate", str(rate)] + list(extra or []))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

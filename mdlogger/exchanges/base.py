@@ -1,0 +1,264 @@
+"""What every exchange adapter is made of.
+
+An adapter is mostly declarative class data (endpoints' paths, channel names,
+the exchange's limits, its keepalive rule) plus a few small hooks:
+
+* ``discover(rest)``: the exchange's symbols over REST, as :class:`SymbolInfo`;
+* ``normalize(name)`` / ``exchange_name(symbol)``: the exchange's form <-> ``BASE-QUOTE``;
+* ``ws_url(symbols)`` and ``subscribe_messages(symbols)``;
+* ``new_session(symbols, sink)``: a per-connection parser whose
+  ``on_message(payload)`` turns one frame into records on the sink.
+
+The shared connection loop (mdlogger/worker.py) knows nothing of any
+exchange: quirks live here, expressed through the hooks and through the few
+exceptions below (``Reconnect``, ``Pause``) that a session may raise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from .. import records as rec
+from ..settings import ExchangeSettings
+
+
+@dataclass(frozen=True)
+class SymbolInfo:
+    """One tradable pair as the exchange lists it."""
+
+    symbol: str  # normalized BASE-QUOTE
+    exchange_name: str  # the exchange's own spelling (BTCUSDT, tBTCUSD, XBT/USD)
+    base: str
+    quote: str
+    active: bool = True
+    tick_size: str = ""
+    min_size: str = ""
+
+
+class Refused(Exception):
+    """A message or field that must not reach a file; ``reason`` is one of stats.DROP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Reconnect(Exception):
+    """The exchange asked us to reconnect (shutdown notice, restart info)."""
+
+
+class Pause(Exception):
+    """The exchange is in maintenance: wait ``seconds`` before reconnecting."""
+
+    def __init__(self, seconds: float, detail: str = ""):
+        super().__init__(detail)
+        self.seconds = seconds
+
+
+class Sink:
+    """Where a session puts what it parsed (implemented by the worker)."""
+
+    def trade(self, symbol: bytes, trade_id: int, sec: int, nanos: int, price: float, size: float,
+              side: int, maker: bytes = rec.ZERO_ID, taker: bytes = rec.ZERO_ID) -> None:
+        raise NotImplementedError
+
+    def ticker(self, symbol: bytes, sec: int, nanos: int, price: float, volume: float, side: int,
+               bid: float, ask: float) -> None:
+        raise NotImplementedError
+
+    def refuse(self, reason: str, sample) -> None:
+        raise NotImplementedError
+
+    def exchange_error(self, text: str, symbol: str | None = None) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Field helpers shared by every parser: each either returns a clean value or
+# raises Refused with the reason it is counted under.
+
+MAX_PRICE = 1e12  # no traded price is near this; a bigger one is garbage
+MAX_SIZE = 1e15
+MAX_PAST_SECS = 2 * 86400  # older rows would land in days the writer no longer repairs
+MAX_FUTURE_SECS = 600
+
+
+def price(value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise Refused("bad_price", repr(value)) from None
+    if not (0.0 < x < MAX_PRICE) or isinstance(value, bool):
+        raise Refused("bad_price", repr(value))
+    return x
+
+
+def size(value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise Refused("bad_size", repr(value)) from None
+    if not (0.0 < x < MAX_SIZE) or isinstance(value, bool):
+        raise Refused("bad_size", repr(value))
+    return x
+
+
+def optional_price(value) -> float:
+    """A price the exchange may leave out: absent gives NaN, garbage is refused."""
+    if value is None or value == "":
+        return rec.NAN
+    return price(value)
+
+
+def optional_size(value) -> float:
+    if value is None or value == "":
+        return rec.NAN
+    return size(value)
+
+
+def check_time(sec_nanos: tuple[int, int], now: float | None = None) -> tuple[int, int]:
+    sec = sec_nanos[0]
+    now = time.time() if now is None else now
+    if not (now - MAX_PAST_SECS <= sec <= now + MAX_FUTURE_SECS):
+        raise Refused("bad_time", str(sec))
+    return sec_nanos
+
+
+def millis(value) -> tuple[int, int]:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise Refused("bad_time", repr(value))
+    try:
+        return check_time(rec.from_millis(value))
+    except ValueError:
+        raise Refused("bad_time", repr(value)) from None
+
+
+def iso_time(value) -> tuple[int, int]:
+    try:
+        return check_time(rec.from_iso8601(value))
+    except ValueError:
+        raise Refused("bad_time", repr(value)) from None
+
+
+def decimal_seconds(value) -> tuple[int, int]:
+    try:
+        return check_time(rec.from_decimal_seconds(value))
+    except ValueError:
+        raise Refused("bad_time", repr(value)) from None
+
+
+def receive_time(recv_ns: int) -> tuple[int, int]:
+    return divmod(recv_ns, 1_000_000_000)
+
+
+def trade_id(value) -> int:
+    if isinstance(value, bool):
+        raise Refused("missing_field", "trade id %r" % (value,))
+    try:
+        x = int(value)
+    except (TypeError, ValueError):
+        raise Refused("missing_field", "trade id %r" % (value,)) from None
+    if not 0 <= x < 1 << 64:
+        raise Refused("missing_field", "trade id %r" % (value,))
+    return x
+
+
+class Session:
+    """Per-connection parsing state. Subclasses implement :meth:`on_message`."""
+
+    def __init__(self, adapter: "Exchange", symbols: Sequence[SymbolInfo], sink: Sink):
+        self.adapter = adapter
+        self.sink = sink
+        self.symbols = list(symbols)
+        # exchange spelling -> wire bytes of the normalized symbol
+        self.by_name = {s.exchange_name: rec.symbol_bytes(s.symbol) for s in symbols}
+
+    def symbol(self, name) -> bytes:
+        sym = self.by_name.get(name)
+        if sym is None:
+            raise Refused("unknown_symbol", repr(name))
+        return sym
+
+    def on_message(self, payload: bytes, recv_ns: int) -> None:
+        raise NotImplementedError
+
+    def keepalive(self, idle_secs: float) -> str | None:
+        """A text to send when nothing was received for ``idle_secs`` (None: nothing)."""
+        return None
+
+
+class Exchange:
+    """Declarative description of one exchange plus its hooks."""
+
+    name: ClassVar[str]
+    channels: ClassVar[tuple[str, ...]]  # subscribed per symbol
+    max_channels_per_connection: ClassVar[int]
+    connect_rate: ClassVar[float]  # new connections per second allowed per IP
+    send_rate: ClassVar[float]  # our budget of outgoing messages per second per connection
+    max_frame_bytes: ClassVar[int] = 1 << 20
+    max_connection_age: ClassVar[float | None] = None  # reconnect before the exchange closes us
+    session_class: ClassVar[type[Session]]
+
+    def __init__(self, settings: ExchangeSettings):
+        self.settings = settings
+
+    # -- symbols ----------------------------------------------------------
+    def discover(self, rest) -> list[SymbolInfo]:
+        raise NotImplementedError
+
+    def normalize(self, name: str) -> str:
+        """The exchange's spelling -> BASE-QUOTE (may need discovered data)."""
+        raise NotImplementedError
+
+    def max_symbols_per_connection(self) -> int:
+        by_exchange = self.max_channels_per_connection // len(self.channels)
+        return max(1, min(self.settings.symbols_per_connection, by_exchange))
+
+    # -- connection -------------------------------------------------------
+    def ws_url(self, symbols: Sequence[SymbolInfo]) -> str:
+        return self.settings.ws_endpoint
+
+    def subscribe_messages(self, symbols: Sequence[SymbolInfo]) -> list[str]:
+        raise NotImplementedError
+
+    def new_session(self, symbols: Sequence[SymbolInfo], sink: Sink) -> Session:
+        return self.session_class(self, symbols, sink)
+
+
+def resolve_symbols(adapter: Exchange, listed: Sequence[SymbolInfo], wanted: Sequence[str]):
+    """Match configured symbols against the listing.
+
+    Returns ``(chosen, problems)``: the active SymbolInfo to capture, and
+    ``(configured name, status)`` pairs for names that are unknown or inactive.
+    An empty ``wanted`` means every active listed symbol.
+    """
+    by_norm = {s.symbol: s for s in listed}
+    by_name = {s.exchange_name: s for s in listed}
+    if not wanted:
+        return [s for s in listed if s.active], []
+    chosen, problems, seen = [], [], set()
+    for name in wanted:
+        info = by_norm.get(name) or by_name.get(name) or by_norm.get(name.upper())
+        if info is None:
+            problems.append((name, "unknown"))
+        elif not info.active:
+            problems.append((name, "inactive"))
+        elif info.symbol not in seen:
+            seen.add(info.symbol)
+            chosen.append(info)
+    return chosen, problems
+
+
+def split_shards(symbols: Sequence[SymbolInfo], per_connection: int, max_connections: int):
+    """Balanced shards within both limits; returns ``(shards, uncovered)``."""
+    capacity = per_connection * max_connections
+    covered, uncovered = list(symbols[:capacity]), list(symbols[capacity:])
+    if not covered:
+        return [], uncovered
+    n = math.ceil(len(covered) / per_connection)
+    shards = [covered[i::n] for i in range(n)]
+    return shards, uncovered

@@ -1,0 +1,139 @@
+"""Binance spot: combined streams ``<symbol>@trade`` and ``<symbol>@ticker``.
+
+Facts this module encodes (docs/exchange-protocols.md, Binance section):
+the server pings every 20 s and wants its payload echoed (websocket-client
+does that inside ``recv``); at most 5 incoming messages per second per
+connection, pongs included, so our own budget is 4; 1024 streams per
+connection; 300 connection attempts per 5 minutes per IP; every connection is
+closed at 24 h; ``serverShutdown`` announces a restart. Symbols have no
+separator: they are split with ``baseAsset``/``quoteAsset``, never guessed.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from .. import records as rec
+from .base import (
+    Exchange,
+    Reconnect,
+    Refused,
+    Session,
+    SymbolInfo,
+    millis,
+    price,
+    size,
+    trade_id,
+)
+
+SUBSCRIBE_CHUNK = 100  # streams per SUBSCRIBE message
+
+
+class BinanceSession(Session):
+    def on_message(self, payload: bytes, recv_ns: int) -> None:
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise Refused("json", payload[:200]) from None
+        if not isinstance(msg, dict):
+            raise Refused("unknown_type", payload[:200])
+        data = msg.get("data")
+        if not isinstance(data, dict):
+            self._control(msg, payload)
+            return
+        event = data.get("e")
+        if event == "trade" or event == "aggTrade":
+            self._trade(data, event)
+        elif event == "24hrTicker":
+            self._ticker(data)
+        elif event == "serverShutdown":
+            raise Reconnect("serverShutdown announced")
+        else:
+            raise Refused("unknown_type", payload[:200])
+
+    def _trade(self, d: dict, event: str) -> None:
+        try:
+            sym = self.symbol(d["s"])
+            tid = trade_id(d["t"] if event == "trade" else d["a"])
+            sec, nanos = millis(d["T"])
+            px = price(d["p"])
+            qty = size(d["q"])
+            maker = d["m"]
+        except KeyError as exc:
+            raise Refused("missing_field", "%s without %s" % (event, exc)) from None
+        if not isinstance(maker, bool):
+            raise Refused("missing_field", "m=%r" % (maker,))
+        self.sink.trade(sym, tid, sec, nanos, px, qty, rec.SIDE_SELL if maker else rec.SIDE_BUY)
+
+    def _ticker(self, d: dict) -> None:
+        try:
+            sym = self.symbol(d["s"])
+            sec, nanos = millis(d["E"])
+            px = price(d["c"])
+            qty = size(d["Q"]) if d["Q"] not in ("0", "0.00000000") else rec.NAN
+            bid = price(d["b"])
+            ask = price(d["a"])
+        except KeyError as exc:
+            raise Refused("missing_field", "24hrTicker without %s" % (exc,)) from None
+        self.sink.ticker(sym, sec, nanos, px, qty, rec.SIDE_UNKNOWN, bid, ask)
+
+    def _control(self, msg: dict, payload: bytes) -> None:
+        if "result" in msg and "id" in msg:
+            return  # SUBSCRIBE ack
+        error = msg.get("error") if isinstance(msg.get("error"), dict) else msg
+        if "code" in error and "msg" in error:
+            self.sink.exchange_error("code %s: %s (request id %s)" % (error["code"], error["msg"], msg.get("id")))
+            return
+        raise Refused("unknown_type", payload[:200])
+
+
+class Binance(Exchange):
+    name = "binance"
+    channels = ("trade", "ticker")
+    max_channels_per_connection = 1024
+    connect_rate = 300 / 300.0
+    send_rate = 4.0
+    max_connection_age = 23.5 * 3600
+    session_class = BinanceSession
+
+    def discover(self, rest) -> list[SymbolInfo]:
+        doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/api/v3/exchangeInfo")
+        out = []
+        for s in doc.get("symbols", []):
+            try:
+                base, quote = s["baseAsset"].upper(), s["quoteAsset"].upper()
+                name = s["symbol"]
+            except (KeyError, AttributeError, TypeError):
+                continue
+            symbol = "%s-%s" % (base, quote)
+            if not rec.valid_symbol(symbol):
+                continue
+            filters = {f.get("filterType"): f for f in s.get("filters", []) if isinstance(f, dict)}
+            out.append(
+                SymbolInfo(
+                    symbol=symbol,
+                    exchange_name=name,
+                    base=base,
+                    quote=quote,
+                    active=s.get("status") == "TRADING",
+                    tick_size=filters.get("PRICE_FILTER", {}).get("tickSize", ""),
+                    min_size=filters.get("LOT_SIZE", {}).get("minQty", ""),
+                )
+            )
+        return out
+
+    def normalize(self, name: str) -> str:
+        raise ValueError("Binance symbols have no separator; use the exchangeInfo listing")
+
+    def ws_url(self, symbols) -> str:
+        return self.settings.ws_endpoint.rstrip("/") + "/stream"
+
+    def subscribe_messages(self, symbols) -> list[str]:
+        streams = [
+            "%s@%s" % (s.exchange_name.lower(), channel) for s in symbols for channel in self.channels
+        ]
+        out = []
+        for i in range(0, len(streams), SUBSCRIBE_CHUNK):
+            chunk = streams[i : i + SUBSCRIBE_CHUNK]
+            out.append(orjson.dumps({"method": "SUBSCRIBE", "params": chunk, "id": i // SUBSCRIBE_CHUNK + 1}).decode())
+        return out

@@ -1,0 +1,134 @@
+"""``GET /health``: a Flask app on a thread of the supervisor.
+
+It only reads: the view the main loop publishes (one reference, swapped
+whole) and the lock-free counter blocks the children write. It never forks,
+kills or changes state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from flask import Flask, jsonify
+from werkzeug.serving import make_server
+
+log = logging.getLogger("mdlogger.health")
+
+
+def shard_health(entry: dict, now: float, stall: float) -> dict:
+    stats = entry["stats"]
+    s = stats.as_dict()
+    last = s["last_message"]
+    since_last = round(now - last, 3) if last else None
+    connected = bool(s["connected"])
+    receiving = connected and since_last is not None and since_last <= stall
+    return {
+        "exchange": entry["exchange"],
+        "shard": entry["shard"],
+        "symbols": entry["symbols"],
+        "pid": int(s["pid"]) or None,
+        "state": entry["state"],
+        "restarts": entry["restarts"],
+        "last_exit": entry["reason"],
+        "connected": connected,
+        "receiving": receiving,
+        "down_since": (None if connected or not s["down_since"] else _iso(s["down_since"])),
+        "seconds_since_last_message": since_last,
+        "messages_per_second": round(s["rate"], 2),
+        "messages": int(s["messages"]),
+        "records": int(s["records"]),
+        "reconnects": int(s["reconnects"]),
+        "parse_errors": int(s["parse_errors"]),
+        "parse_errors_by_reason": stats.reasons(),
+        "dropped_records": int(s["dropped_records"]),
+    }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def health_document(supervisor) -> tuple[int, dict]:
+    now = time.time()
+    settings = supervisor.settings
+    stall = settings.logger.stall_timeout_secs
+    view = supervisor.view
+    shards = [shard_health(entry, now, stall) for entry in view["slots"]]
+    ws = supervisor.writer_stats.as_dict()
+    writer = dict(view["writer"])
+    writer.update(
+        {
+            "pid": int(ws["pid"]) or None,
+            "rows_written": int(ws["rows"]),
+            "rows_md": int(ws["rows_md"]),
+            "rows_trades": int(ws["rows_trades"]),
+            "seconds_since_last_flush": round(now - ws["last_flush"], 3) if ws["last_flush"] else None,
+            "io_errors": int(ws["io_errors"]),
+            "bytes_written": int(ws["bytes_written"]),
+            "pending_rows": int(ws["pending_rows"]),
+            "corrupt_bytes": int(ws["corrupt_bytes"]),
+            "refused_records": int(ws["refused_records"]),
+            "repaired_tables": int(ws["repaired_tables"]),
+        }
+    )
+    exchanges = {}
+    healthy = writer["state"] in ("starting", "running")
+    for name, status in view["exchanges"].items():
+        mine = [s for s in shards if s["exchange"] == name]
+        ok = any(s["state"] == "running" and s["receiving"] for s in mine)
+        exchanges[name] = dict(status, healthy=ok, shards=len(mine),
+                               shards_receiving=sum(1 for s in mine if s["receiving"]))
+        healthy = healthy and ok
+    doc = {
+        "status": "ok" if healthy else "degraded",
+        "uptime_seconds": round(now - supervisor.started, 1),
+        "pid": supervisor_pid(),
+        "exchanges": exchanges,
+        "shards": shards,
+        "writer": writer,
+    }
+    return (200 if healthy else 503), doc
+
+
+def supervisor_pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def build_app(supervisor) -> Flask:
+    app = Flask("mdlogger")
+
+    @app.get("/health")
+    def health():
+        code, doc = health_document(supervisor)
+        return jsonify(doc), code
+
+    return app
+
+
+class HealthServer:
+    def __init__(self, server):
+        self.server = server
+        self.thread = threading.Thread(target=server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.server_port
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(2.0)
+
+
+def start_health_server(supervisor, host: str, port: int) -> HealthServer:
+    app = build_app(supervisor)
+    server = make_server(host, port, app, threaded=True)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    hs = HealthServer(server)
+    hs.thread.start()
+    log.info("health on http://%s:%d/health", host, hs.port)
+    return hs

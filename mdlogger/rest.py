@@ -1,0 +1,72 @@
+"""REST calls to exchanges: timeouts, retries, and respect for rate limits.
+
+Used only by the supervisor (symbol discovery) and the command-line tools;
+never from a signal handler or a worker's hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import requests
+
+log = logging.getLogger("mdlogger.rest")
+
+RETRY_STATUSES = {429, 418, 500, 502, 503, 504}
+
+
+class RestError(Exception):
+    """A REST call failed after its retries."""
+
+
+class RestClient:
+    def __init__(self, timeout: float = 10.0, retries: int = 3, backoff: float = 0.5,
+                 max_backoff: float = 30.0, sleep=time.sleep):
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep = sleep
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "mdlogger"
+
+    def get_json(self, url: str, params: dict | None = None):
+        attempt = 0
+        while True:
+            try:
+                resp = self.session.get(url, params=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                problem, wait = "%s" % (exc.__class__.__name__,), None
+            else:
+                if resp.status_code == 200:
+                    try:
+                        return resp.json()
+                    except ValueError as exc:
+                        raise RestError("GET %s: invalid JSON: %s" % (url, exc)) from None
+                if resp.status_code not in RETRY_STATUSES:
+                    raise RestError("GET %s: HTTP %d: %s" % (url, resp.status_code, resp.text[:200]))
+                problem, wait = "HTTP %d" % resp.status_code, _retry_after(resp)
+                if resp.status_code == 418:
+                    log.error("GET %s: HTTP 418, this IP is banned for now; waiting %s s", url, wait)
+            if attempt >= self.retries:
+                raise RestError("GET %s: %s after %d attempts" % (url, problem, attempt + 1))
+            if wait is None:
+                wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+            log.warning("GET %s: %s; retrying in %.1f s", url, problem, wait)
+            self.sleep(wait)
+            attempt += 1
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _retry_after(resp) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None

@@ -1,0 +1,130 @@
+"""Lock-free shared counters between a child process and the supervisor.
+
+Each worker slot and the writer own one block of float64 cells in shared
+memory (``multiprocessing.RawArray``), created by the supervisor before the
+child starts and handed to it as an explicit argument. Exactly one process
+writes a block (the child), the supervisor and its health thread only read.
+There is deliberately no lock: a child killed mid-update can never leave a
+lock held, and a torn read of one aligned 8-byte cell cannot happen on the
+platforms we run on. A restarted child takes over its slot's block, so
+counters such as reconnects and drops keep counting across restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+# Reasons a message or record is refused. Every refused message is counted
+# under exactly one of these, per slot, and shown on /health.
+DROP_REASONS = (
+    "json",  # malformed JSON
+    "binary",  # a binary frame where text was expected
+    "unknown_type",  # a message type the adapter does not know
+    "missing_field",  # a required field absent or of the wrong type
+    "bad_price",  # NaN, zero, negative, absurd
+    "bad_size",
+    "bad_time",  # unparseable or far from now
+    "bad_symbol",  # would not normalize to BASE-QUOTE
+    "unknown_symbol",  # not one this connection subscribed
+    "oversized",  # a frame larger than the adapter allows
+    "exchange_error",  # an error or notice message from the exchange
+    "duplicate",  # a trade already stored (snapshot replay)
+)
+
+WORKER_FIELDS = (
+    "pid",
+    "started",  # wall clock time the process started
+    "heartbeat",  # time.monotonic() of the last loop tick
+    "connected",  # 1 while a connection is open and subscribed
+    "connected_since",  # wall clock
+    "down_since",  # wall clock when the connection was last lost (0 = never)
+    "last_message",  # wall clock of the last frame of any kind (incl. pings)
+    "messages",  # data frames received
+    "records",  # records sent to the writer
+    "records_md",
+    "records_trades",
+    "reconnects",
+    "parse_errors",  # sum of every DROP_REASONS counter
+    "dropped_records",  # records the writer could not take in time
+    "frames_sent",  # batches handed to the writer
+    "rate",  # messages per second over the last reporting interval
+    "refused_symbols",  # symbols the exchange refused
+) + tuple("drop_" + r for r in DROP_REASONS)
+
+WRITER_FIELDS = (
+    "pid",
+    "started",
+    "heartbeat",
+    "rows_md",
+    "rows_trades",
+    "rows",
+    "last_flush",  # wall clock of the last completed flush
+    "flush_seconds",  # duration of the last flush
+    "io_errors",
+    "bytes_written",
+    "corrupt_bytes",  # bytes skipped while resynchronising a pipe
+    "refused_records",  # records with an invalid symbol or day
+    "dropped_records",  # rows given up after repeated I/O errors
+    "repaired_tables",
+    "pending_rows",
+    "open_tables",
+)
+
+
+class Block:
+    """Named float64 cells over a shared array (or a plain list in tests)."""
+
+    __slots__ = ("_array", "_index")
+
+    def __init__(self, fields: Iterable[str], array=None):
+        fields = tuple(fields)
+        self._index = {name: i for i, name in enumerate(fields)}
+        self._array = array if array is not None else [0.0] * len(fields)
+
+    @classmethod
+    def shared(cls, ctx, fields: Iterable[str]) -> "Block":
+        fields = tuple(fields)
+        return cls(fields, ctx.RawArray("d", len(fields)))
+
+    @property
+    def array(self):
+        return self._array
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def get(self, name: str) -> float:
+        return self._array[self._index[name]]
+
+    def set(self, name: str, value: float) -> None:
+        self._array[self._index[name]] = value
+
+    def add(self, name: str, value: float = 1.0) -> None:
+        i = self._index[name]
+        self._array[i] += value
+
+    def as_dict(self) -> dict[str, float]:
+        arr = self._array
+        return {name: arr[i] for name, i in self._index.items()}
+
+    def reasons(self) -> dict[str, int]:
+        """Non-zero drop counters by reason."""
+        arr = self._array
+        out = {}
+        for reason in DROP_REASONS:
+            i = self._index.get("drop_" + reason)
+            if i is not None and arr[i]:
+                out[reason] = int(arr[i])
+        return out
+
+    def reset(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.set(name, 0.0)
+
+    def __getstate__(self):
+        return (tuple(self._index), self._array)
+
+    def __setstate__(self, state):
+        fields, array = state
+        self._index = {name: i for i, name in enumerate(fields)}
+        self._array = array

@@ -1,0 +1,219 @@
+"""The columnar files: where they live, how rows are appended, how a torn table is repaired.
+
+Layout (docs/FORMAT.md is the contract)::
+
+    {data_path}/{exchange}/{symbol}/{MD|TRADES}/{column}.{DD}.{MM}.{YY}.bin
+
+One file per column per UTC day; every column of a table holds the same
+number of rows, row i of each being the same event. Only the writer process
+opens files for writing; this module is shared with the reader.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from .records import (
+    COLUMNS,
+    EXCHANGE_CODES,
+    KIND_MD,
+    KIND_TRADES,
+    TABLE_NAMES,
+    Column,
+    day_index,
+    valid_symbol,
+)
+
+log = logging.getLogger("mdlogger.storage")
+
+KIND_BY_TABLE = {name: kind for kind, name in TABLE_NAMES.items()}
+_FILE_RE = re.compile(r"^([a-z_]+)\.(\d{2}\.\d{2}\.\d{2})\.bin$")
+
+
+@dataclass(frozen=True)
+class TableKey:
+    exchange: str
+    symbol: str
+    kind: int
+    day: str  # DD.MM.YY
+
+    @property
+    def table(self) -> str:
+        return TABLE_NAMES[self.kind]
+
+
+def table_dir(data_path: str, exchange: str, symbol: str, kind: int) -> str:
+    if exchange not in EXCHANGE_CODES:
+        raise ValueError("unknown exchange %r" % (exchange,))
+    if not valid_symbol(symbol):
+        raise ValueError("symbol %r may not be used in a path" % (symbol,))
+    return os.path.join(data_path, exchange, symbol, TABLE_NAMES[kind])
+
+
+def column_path(data_path: str, key: TableKey, column: Column) -> str:
+    return os.path.join(
+        table_dir(data_path, key.exchange, key.symbol, key.kind),
+        "%s.%s.bin" % (column.name, key.day),
+    )
+
+
+def row_width(kind: int) -> int:
+    return sum(c.width for c in COLUMNS[kind])
+
+
+def table_rows(data_path: str, key: TableKey) -> dict[str, int]:
+    """Whole rows per column file on disk (missing file = 0)."""
+    out = {}
+    for column in COLUMNS[key.kind]:
+        try:
+            size = os.stat(column_path(data_path, key, column)).st_size
+        except FileNotFoundError:
+            size = 0
+        out[column.name] = size // column.width
+    return out
+
+
+def repair_table(data_path: str, key: TableKey) -> dict[str, int]:
+    """Truncate every column to the row count all of them hold whole.
+
+    Returns ``{column: bytes cut}`` for the columns that were cut (empty when
+    the table was whole). A column file that is missing counts as zero rows.
+    """
+    rows = table_rows(data_path, key)
+    keep = min(rows.values())
+    cut = {}
+    for column in COLUMNS[key.kind]:
+        path = column_path(data_path, key, column)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            continue
+        want = keep * column.width
+        if size != want:
+            with open(path, "r+b") as fh:
+                fh.truncate(want)
+                os.fsync(fh.fileno())
+            cut[column.name] = size - want
+    return cut
+
+
+def iter_tables(data_path: str, days: set[str] | None = None):
+    """Every table (exchange, symbol, kind, day) that has at least one file."""
+    for exchange in sorted(EXCHANGE_CODES):
+        edir = os.path.join(data_path, exchange)
+        try:
+            symbols = sorted(os.listdir(edir))
+        except FileNotFoundError:
+            continue
+        for symbol in symbols:
+            if not valid_symbol(symbol):
+                continue
+            for kind in (KIND_MD, KIND_TRADES):
+                tdir = os.path.join(edir, symbol, TABLE_NAMES[kind])
+                try:
+                    names = os.listdir(tdir)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                found = set()
+                for name in names:
+                    m = _FILE_RE.match(name)
+                    if m and (days is None or m.group(2) in days):
+                        found.add(m.group(2))
+                for day in sorted(found, key=day_index):
+                    yield TableKey(exchange, symbol, kind, day)
+
+
+def repair_all(data_path: str, days: set[str] | None = None) -> list[tuple[TableKey, dict]]:
+    """Repair every torn table (of the given days); returns what was cut."""
+    repaired = []
+    for key in iter_tables(data_path, days):
+        cut = repair_table(data_path, key)
+        if cut:
+            repaired.append((key, cut))
+    return repaired
+
+
+class TableFiles:
+    """Open append-only descriptors for the columns of one table-day."""
+
+    def __init__(self, data_path: str, key: TableKey):
+        self.key = key
+        self.columns = COLUMNS[key.kind]
+        directory = table_dir(data_path, key.exchange, key.symbol, key.kind)
+        os.makedirs(directory, exist_ok=True)
+        self.paths = [column_path(data_path, key, c) for c in self.columns]
+        self.fds = []
+        try:
+            for path in self.paths:
+                self.fds.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError:
+            self.close()
+            raise
+        # Rows already on disk, as repair left them: every column agrees.
+        self.rows = os.fstat(self.fds[0]).st_size // self.columns[0].width
+        self.dirty = False
+
+    def append(self, blobs: list[bytes], nrows: int) -> int:
+        """Append one block of rows to every column; all or nothing.
+
+        On an OSError the columns already written in this call are truncated
+        back, so the table never holds a partial block, and the error is
+        re-raised. Returns the bytes written.
+        """
+        written = 0
+        done = 0
+        try:
+            for fd, blob in zip(self.fds, blobs):
+                _write_all(fd, blob)
+                done += 1
+                written += len(blob)
+        except OSError:
+            self._truncate_to_rows(self.rows)
+            raise
+        self.rows += nrows
+        self.dirty = True
+        return written
+
+    def _truncate_to_rows(self, rows: int) -> None:
+        for fd, column in zip(self.fds, self.columns):
+            try:
+                os.ftruncate(fd, rows * column.width)
+            except OSError as exc:  # pragma: no cover - repaired at next start-up
+                log.error("could not roll back %s: %s", self.key, exc)
+
+    def fsync(self) -> None:
+        if self.dirty:
+            for fd in self.fds:
+                os.fsync(fd)
+            self.dirty = False
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        if n == 0:
+            raise OSError(errno.ENOSPC, "short write")
+        view = view[n:]
+
+
+def pack_column(column: Column, values) -> bytes:
+    if column.code == "16s":
+        return b"".join(values)
+    return struct.pack("<%d%s" % (len(values), column.code), *values)

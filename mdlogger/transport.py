@@ -1,0 +1,243 @@
+"""Batches of packed records from a worker to the writer, over one pipe per slot.
+
+Why not one shared ``multiprocessing.Queue``: every producer of a Queue shares
+its write lock, and a producer SIGKILLed while its feeder thread holds it (most
+likely exactly when the pipe is full because the writer is slow) leaves the
+lock held forever, so every other worker stalls. A consumer killed inside
+``get()`` poisons the read lock the same way, and a message cut in half leaves
+the next reader blocked in ``recv`` for the rest of it. So:
+
+* each worker slot has its **own pipe** (``multiprocessing.Pipe``, the
+  transport under ``multiprocessing.Queue``), created once by the supervisor,
+  kept open by it for the life of the slot, handed to each incarnation of the
+  worker, and its read end passed to each incarnation of the writer;
+* a batch is one **frame** of at most ``PIPE_BUF`` bytes written with a single
+  non-blocking ``write``: POSIX makes such a write all-or-nothing, so a worker
+  killed at any moment never leaves half a frame, and there is no lock at all;
+* the worker never blocks on the pipe: frames that do not fit wait in a
+  bounded local buffer, and what exceeds it is dropped and counted;
+* every frame starts with a magic word and carries a CRC32 of its records, so
+  a writer that died holding half a frame is followed by one that resyncs on
+  the next good frame, counting the bytes it skipped.
+
+Frame layout (little-endian)::
+
+    magic  4s   b"MDL\\x01"
+    kind   u8   1 = MD, 2 = TRADES (records.KIND_*)
+    exch   u8   records.EXCHANGE_CODES
+    count  u16  number of records
+    crc    u32  zlib.crc32 of the records
+    records     count * records.WIRE[kind].size bytes
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import select
+import struct
+import time
+import zlib
+from typing import Iterator
+
+from .records import KIND_MD, KIND_TRADES, WIRE
+
+MAGIC = b"MDL\x01"
+HEADER = struct.Struct("<4sBBHI")
+FRAME_MAX = select.PIPE_BUF  # 4096 on Linux
+MAX_RECORDS = {kind: (FRAME_MAX - HEADER.size) // wire.size for kind, wire in WIRE.items()}
+PIPE_SIZE = 1 << 20  # ask the kernel for 1 MiB pipes (the unprivileged maximum)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def set_pipe_size(fd: int, size: int = PIPE_SIZE) -> int:
+    """Grow a pipe's kernel buffer; returns the size granted (0 if refused)."""
+    try:
+        return fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+    except OSError:
+        return 0
+
+
+def pending_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    import termios
+
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+def encode_frame(kind: int, exchange: int, records: bytes) -> bytes:
+    count = len(records) // WIRE[kind].size
+    return HEADER.pack(MAGIC, kind, exchange, count, zlib.crc32(records)) + records
+
+
+class FrameSender:
+    """Worker side: accumulate records into frames and write them without blocking.
+
+    ``add_md``/``add_trade`` append one packed record; a full batch becomes a
+    frame at once, a partial one when :meth:`seal` is called (the worker does
+    so after ``batch_max_delay``). :meth:`pump` writes waiting frames until the
+    pipe is full. ``max_buffer_bytes`` bounds what waits; past it new frames are
+    dropped and counted in ``dropped_records``.
+    """
+
+    def __init__(self, fd: int, exchange: int, max_buffer_bytes: int):
+        self.fd = fd
+        self.exchange = exchange
+        self.max_buffer_bytes = max_buffer_bytes
+        os.set_blocking(fd, False)
+        self._batches = {KIND_MD: bytearray(), KIND_TRADES: bytearray()}
+        self._counts = {KIND_MD: 0, KIND_TRADES: 0}
+        self._oldest = 0.0  # monotonic time the oldest unsealed record was added
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._frame_records: collections.deque[int] = collections.deque()
+        self.buffered_bytes = 0
+        self.dropped_records = 0
+        self.frames_sent = 0
+        self.records_sent = 0
+        self.broken = False  # the reading side is gone (EPIPE)
+
+    # -- building batches -------------------------------------------------
+    def add(self, kind: int, record: bytes) -> None:
+        batch = self._batches[kind]
+        if not batch and not self._counts[KIND_MD] + self._counts[KIND_TRADES]:
+            self._oldest = time.monotonic()
+        batch += record
+        self._counts[kind] += 1
+        if self._counts[kind] >= MAX_RECORDS[kind]:
+            self._seal_kind(kind)
+
+    def has_partial(self) -> bool:
+        return bool(self._counts[KIND_MD] or self._counts[KIND_TRADES])
+
+    def partial_age(self, now: float) -> float:
+        return now - self._oldest if self.has_partial() else 0.0
+
+    def seal(self) -> None:
+        for kind in (KIND_MD, KIND_TRADES):
+            if self._counts[kind]:
+                self._seal_kind(kind)
+
+    def _seal_kind(self, kind: int) -> None:
+        records = bytes(self._batches[kind])
+        count = self._counts[kind]
+        self._batches[kind] = bytearray()
+        self._counts[kind] = 0
+        frame = encode_frame(kind, self.exchange, records)
+        if self.buffered_bytes + len(frame) > self.max_buffer_bytes:
+            self.dropped_records += count
+            return
+        self._frames.append(frame)
+        self._frame_records.append(count)
+        self.buffered_bytes += len(frame)
+        self.pump()
+
+    # -- writing ----------------------------------------------------------
+    def pump(self) -> bool:
+        """Write waiting frames until the pipe is full; True when none wait."""
+        frames = self._frames
+        while frames:
+            frame = frames[0]
+            try:
+                os.write(self.fd, frame)
+            except BlockingIOError:
+                return False
+            except BrokenPipeError:
+                self.broken = True
+                return False
+            frames.popleft()
+            self.buffered_bytes -= len(frame)
+            self.frames_sent += 1
+            self.records_sent += self._frame_records.popleft()
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Seal and write everything, waiting up to ``timeout``; True if all went."""
+        self.seal()
+        deadline = time.monotonic() + timeout
+        while not self.pump():
+            if self.broken:
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([], [self.fd], [], min(left, 0.1))
+        return True
+
+    def discard_waiting(self) -> int:
+        """Drop every frame still waiting (counted); returns the records dropped."""
+        self.seal()
+        lost = sum(self._frame_records)
+        self._frames.clear()
+        self._frame_records.clear()
+        self.buffered_bytes = 0
+        self.dropped_records += lost
+        return lost
+
+
+class FrameReader:
+    """Writer side: read a slot's pipe without blocking and yield whole frames."""
+
+    READ_CHUNK = 1 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        os.set_blocking(fd, False)
+        self._buf = bytearray()
+        self.corrupt_bytes = 0
+        self.frames = 0
+
+    def fill(self, limit: int = 4 << 20) -> int:
+        """Read what the pipe holds, up to ``limit`` bytes; returns bytes read."""
+        total = 0
+        while total < limit:
+            try:
+                chunk = os.read(self.fd, self.READ_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if not chunk:
+                break
+            self._buf += chunk
+            total += len(chunk)
+        return total
+
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def frames_ready(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yield ``(kind, exchange, records)`` for every whole, valid frame."""
+        buf = self._buf
+        pos = 0
+        end = len(buf)
+        hsize = HEADER.size
+        while end - pos >= hsize:
+            if buf[pos : pos + 4] != MAGIC:
+                nxt = buf.find(MAGIC, pos + 1)
+                skip_to = nxt if nxt >= 0 else max(pos + 1, end - 3)
+                self.corrupt_bytes += skip_to - pos
+                pos = skip_to
+                continue
+            _, kind, exchange, count, crc = HEADER.unpack_from(buf, pos)
+            wire = WIRE.get(kind)
+            if wire is None or count == 0 or hsize + count * wire.size > FRAME_MAX:
+                self.corrupt_bytes += 1
+                pos += 1
+                continue
+            stop = pos + hsize + count * wire.size
+            if stop > end:
+                break  # the rest of this frame has not arrived yet
+            records = bytes(buf[pos + hsize : stop])
+            if zlib.crc32(records) != crc:
+                self.corrupt_bytes += 1
+                pos += 1
+                continue
+            pos = stop
+            self.frames += 1
+            yield kind, exchange, records
+        del buf[:pos]

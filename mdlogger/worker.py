@@ -1,0 +1,409 @@
+"""A worker process: one WebSocket connection for one shard of one exchange.
+
+::
+
+    exchange --frames--> websocket-client (BufferedSocket under it)
+                             |  recv_data_frame: data, ping (auto-pong), pong, close
+                             v
+                         Session.on_message (the exchange adapter) --records--> WorkerSink
+                                                                                 |
+                             FrameSender: batches of packed records, one frame    |
+                             per <= PIPE_BUF write, bounded spill, drop counted <-+
+                                   |
+                                   v  slot pipe --> writer process
+
+The loop is exchange-agnostic: what differs between exchanges is in the
+adapter (URL, subscribe messages, parsing, keepalive text, limits) and in two
+exceptions a session may raise (``Reconnect``, ``Pause``). Network failures
+never end the process: it reconnects with capped, jittered backoff for as long
+as the service runs. A connection that is open but silent (no frame of any
+kind, pings included) past ``silence_timeout_secs`` is treated as dead.
+Silence is per connection, never per symbol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import websocket
+
+from . import records as rec
+from .backoff import Backoff
+from .exchanges import adapter_for
+from .exchanges.base import Pause, Reconnect, Refused, Sink, SymbolInfo
+from .logs import configure_child
+from .settings import Settings
+from .stats import DROP_REASONS, WORKER_FIELDS, Block
+from .transport import FrameSender
+
+log = logging.getLogger("mdlogger.worker")
+
+EXIT_OK = 0
+EXIT_FATAL = 3  # cannot start at all (bad symbols, no adapter): the supervisor must not retry
+TICK_SECS = 0.25
+RATE_LOG_SECS = 60.0
+SAMPLE_MAX = 300
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs besides the settings, decided by the supervisor."""
+
+    slot: int
+    exchange: str
+    shard: int  # index of this shard within its exchange
+    symbols: tuple[SymbolInfo, ...]
+    connect_interval: float  # minimum seconds between this worker's connection attempts
+
+    @property
+    def label(self) -> str:
+        return "%s#%d" % (self.exchange, self.shard)
+
+
+class ConnectionLost(Exception):
+    """The connection ended (closed, silent, or too old)."""
+
+
+class BufferedSocket:
+    """Serve websocket-client's small reads from one large ``recv``.
+
+    websocket-client asks the socket for each frame's header, extended length
+    and payload separately: about three system calls per frame. This wrapper
+    reads up to 256 KiB at once and hands out slices, so a burst of frames
+    costs one system call. It is installed on ``WebSocket.sock`` after the
+    handshake; everything but ``recv`` passes through to the real socket.
+    """
+
+    CHUNK = 1 << 18
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            end = pos + bufsize
+            self._pos = end
+            return buf[pos:end]
+        data = self._sock.recv(self.CHUNK)
+        if len(data) <= bufsize:
+            self._buf, self._pos = b"", 0
+            return data
+        self._buf, self._pos = data, bufsize
+        return data[:bufsize]
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class SendLimiter:
+    """Space outgoing messages at least ``1/rate`` seconds apart (no bursts)."""
+
+    def __init__(self, rate: float, clock=time.monotonic, sleep=time.sleep):
+        self.interval = 1.0 / rate
+        self.clock = clock
+        self.sleep = sleep
+        self.next_at = 0.0
+
+    def wait(self) -> None:
+        now = self.clock()
+        if now < self.next_at:
+            self.sleep(self.next_at - now)
+            now = self.next_at
+        self.next_at = now + self.interval
+
+
+class WorkerSink(Sink):
+    """Packs parsed records into the sender and counts what was refused."""
+
+    def __init__(self, sender: FrameSender, stats: Block, label: str):
+        self.sender = sender
+        self.stats = stats
+        self.label = label
+        self.md = 0
+        self.trades = 0
+        self._logged_reasons: set[str] = set()
+        self._md_pack = rec.MD_WIRE.pack
+        self._trade_pack = rec.TRADE_WIRE.pack
+        self._add = sender.add
+
+    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID):
+        self._add(rec.KIND_TRADES, self._trade_pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker))
+        self.trades += 1
+
+    def ticker(self, symbol, sec, nanos, price, volume, side, bid, ask):
+        self._add(rec.KIND_MD, self._md_pack(symbol, sec, nanos, price, volume, side, bid, ask))
+        self.md += 1
+
+    def refuse(self, reason: str, sample) -> None:
+        if reason not in DROP_REASONS:
+            reason = "unknown_type"
+        self.stats.add("drop_" + reason)
+        self.stats.add("parse_errors")
+        if reason not in self._logged_reasons:
+            self._logged_reasons.add(reason)
+            log.warning("%s: first message refused as %s (counted on /health from now on): %s",
+                        self.label, reason, _sample(sample))
+
+    def exchange_error(self, text: str, symbol: str | None = None) -> None:
+        self.stats.add("drop_exchange_error")
+        if symbol:
+            self.stats.add("refused_symbols")
+        log.error("%s: the exchange says: %s", self.label, text)
+
+
+def _sample(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value[:SAMPLE_MAX]).decode("utf-8", "replace")
+    text = str(value)
+    return text if len(text) <= SAMPLE_MAX else text[:SAMPLE_MAX] + "..."
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, settings: Settings, data_fd: int, stats: Block):
+        self.spec = spec
+        self.settings = settings
+        self.xsettings = settings.exchange(spec.exchange)
+        self.adapter = adapter_for(self.xsettings)
+        self.stats = stats
+        self.sender = FrameSender(data_fd, rec.EXCHANGE_CODES[spec.exchange], settings.logger.worker_buffer_bytes)
+        self.sink = WorkerSink(self.sender, stats, spec.label)
+        self.backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
+        self.stop_requested = False
+        self.parent = os.getppid()
+        self.batch_delay = settings.logger.batch_max_delay_ms / 1000.0
+        self.last_connect = 0.0
+        self.messages = 0
+        self._published = {"messages": 0, "md": 0, "trades": 0, "dropped": 0, "frames": 0, "records": 0}
+        self._rate_mark = (time.monotonic(), 0)
+        self._next_tick = 0.0
+
+    # -- lifecycle ----------------------------------------------------------
+    def request_stop(self, *_args) -> None:
+        self.stop_requested = True
+
+    def run(self) -> int:
+        log.info("%s: starting with %d symbols", self.spec.label, len(self.spec.symbols))
+        while not self.stop_requested:
+            self._pace_connect()
+            if self.stop_requested:
+                break
+            delay = None
+            try:
+                self._connection()
+            except Pause as exc:
+                delay = exc.seconds
+                log.warning("%s: exchange maintenance (%s); pausing %.0f s", self.spec.label, exc, delay)
+            except Reconnect as exc:
+                log.info("%s: reconnecting as the exchange asked: %s", self.spec.label, exc)
+            except ConnectionLost as exc:
+                log.warning("%s: connection lost: %s", self.spec.label, exc)
+                delay = self.backoff.next_delay()
+            except (websocket.WebSocketException, OSError, ssl.SSLError) as exc:
+                log.warning("%s: connection failed: %s: %s", self.spec.label, type(exc).__name__, exc)
+                delay = self.backoff.next_delay()
+            self._disconnected()
+            if delay and not self.stop_requested:
+                log.info("%s: reconnecting in %.1f s", self.spec.label, delay)
+                self._sleep(delay)
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self._publish()
+        ok = self.sender.drain(timeout=max(1.0, self.settings.logger.shutdown_timeout_secs / 3))
+        if not ok:
+            lost = self.sender.discard_waiting()
+            log.error("%s: the writer did not take %d records before shutdown", self.spec.label, lost)
+        self._publish()
+        log.info("%s: stopped after %d messages", self.spec.label, self.messages)
+        return EXIT_OK
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stop_requested:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, TICK_SECS))
+            self._tick(time.monotonic())
+
+    def _pace_connect(self) -> None:
+        wait = self.last_connect + self.spec.connect_interval - time.monotonic()
+        if wait > 0:
+            self._sleep(wait)
+        self.last_connect = time.monotonic()
+
+    def _disconnected(self) -> None:
+        if self.stats.get("connected"):
+            self.stats.set("connected", 0)
+            self.stats.set("down_since", time.time())
+            self.stats.add("reconnects")
+
+    # -- one connection -------------------------------------------------------
+    def _connection(self) -> None:
+        symbols = self.spec.symbols
+        url = self.adapter.ws_url(symbols)
+        ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
+        log.debug("%s: connecting to %s", self.spec.label, url)
+        try:
+            ws.connect(url, timeout=self.xsettings.connect_timeout_secs,
+                       suppress_origin=True)
+            ws.sock = BufferedSocket(ws.sock)
+            session = self.adapter.new_session(symbols, self.sink)
+            limiter = SendLimiter(self.adapter.send_rate)
+            opened = time.monotonic()
+            for message in self.adapter.subscribe_messages(symbols):
+                limiter.wait()
+                ws.send(message)
+            self.stats.set("connected", 1)
+            self.stats.set("connected_since", time.time())
+            self.stats.set("last_message", time.time())
+            log.info("%s: connected to %s, subscribed %d symbols", self.spec.label, url, len(symbols))
+            self._receive(ws, session, limiter, opened)
+        finally:
+            try:
+                ws.close(timeout=0.5)
+            except (websocket.WebSocketException, OSError):
+                pass
+            ws.shutdown()
+
+    def _receive(self, ws, session, limiter: SendLimiter, opened: float) -> None:
+        adapter = self.adapter
+        sink = self.sink
+        sender = self.sender
+        silence = self.xsettings.silence_timeout_secs
+        max_frame = adapter.max_frame_bytes
+        max_age = adapter.max_connection_age
+        healthy = self.settings.logger.healthy_run_secs
+        batch_delay = self.batch_delay
+        OP_TEXT, OP_BINARY, OP_CLOSE = websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_CLOSE
+        monotonic, time_ns = time.monotonic, time.time_ns
+        last_frame = monotonic()
+        timeout = TICK_SECS
+        ws.settimeout(timeout)
+        backoff_reset = False
+        while not self.stop_requested:
+            try:
+                opcode, frame = ws.recv_data_frame(True)
+            except websocket.WebSocketTimeoutException:
+                opcode = None
+            now = monotonic()
+            if opcode is not None:
+                last_frame = now
+                if opcode == OP_TEXT or opcode == OP_BINARY:
+                    self.messages += 1
+                    data = frame.data
+                    try:
+                        if opcode == OP_BINARY:
+                            raise Refused("binary", data[:64])
+                        if len(data) > max_frame:
+                            raise Refused("oversized", data[:64])
+                        session.on_message(data, time_ns())
+                    except Refused as exc:
+                        sink.refuse(exc.reason, exc.detail or data)
+                elif opcode == OP_CLOSE:
+                    raise ConnectionLost("closed by the exchange: %s" % _close_reason(frame.data))
+            elif now - last_frame > silence:
+                raise ConnectionLost("silent for %.0f s" % (now - last_frame))
+            else:
+                ping = session.keepalive(now - last_frame)
+                if ping is not None:
+                    limiter.wait()
+                    ws.send(ping)
+            if sender.has_partial() and sender.partial_age(now) >= batch_delay:
+                sender.seal()
+            want = batch_delay if sender.has_partial() else TICK_SECS
+            if want != timeout:
+                timeout = want
+                ws.settimeout(timeout)
+            if now >= self._next_tick:
+                self._tick(now)
+                self.stats.set("last_message", time.time() - (now - last_frame))
+                if not backoff_reset and now - opened >= healthy:
+                    self.backoff.reset()
+                    backoff_reset = True
+                if max_age and now - opened >= max_age:
+                    raise Reconnect("connection is %.1f h old" % ((now - opened) / 3600))
+
+    # -- bookkeeping -----------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        self._next_tick = now + TICK_SECS
+        self.sender.pump()
+        self._publish()
+        self.stats.set("heartbeat", now)
+        if os.getppid() != self.parent:
+            log.error("%s: the supervisor is gone; exiting", self.spec.label)
+            self.stop_requested = True
+        since, count = self._rate_mark
+        if now - since >= RATE_LOG_SECS:
+            rate = (self.messages - count) / (now - since)
+            self.stats.set("rate", rate)
+            self._rate_mark = (now, self.messages)
+            log.info("%s: %.1f msg/s, %d messages, %d records, %d dropped, %d refused",
+                     self.spec.label, rate, self.messages, self.sink.md + self.sink.trades,
+                     self.sender.dropped_records, int(self.stats.get("parse_errors")))
+
+    def _publish(self) -> None:
+        """Move local counters into the shared block (cheap; a few times a second)."""
+        p = self._published
+        s = self.stats
+        for key, value, field in (
+            ("messages", self.messages, "messages"),
+            ("md", self.sink.md, "records_md"),
+            ("trades", self.sink.trades, "records_trades"),
+            ("records", self.sender.records_sent, "records"),
+            ("dropped", self.sender.dropped_records, "dropped_records"),
+            ("frames", self.sender.frames_sent, "frames_sent"),
+        ):
+            if value != p[key]:
+                s.add(field, value - p[key])
+                p[key] = value
+
+
+def _close_reason(data: bytes) -> str:
+    if len(data) >= 2:
+        return "code %d %s" % (int.from_bytes(data[:2], "big"), data[2:].decode("utf-8", "replace"))
+    return "no code"
+
+
+def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, log_conn, log_level: int) -> None:
+    """Entry point of a worker process; every input is an explicit argument.
+
+    ``data_conn`` and ``log_conn`` are write-only ``multiprocessing`` connections
+    wrapping the slot pipe and the shared log pipe (they carry the descriptors
+    into the child); the worker writes raw frames and log lines to them.
+    """
+    configure_child(log_conn.fileno(), log_level, "worker-" + spec.label)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to act on
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stats = Block(WORKER_FIELDS, stats_array)
+    stats.set("pid", os.getpid())
+    stats.set("started", time.time())
+    stats.set("heartbeat", time.monotonic())
+    stats.set("connected", 0)
+    try:
+        for info in spec.symbols:
+            rec.symbol_bytes(info.symbol)
+        worker = Worker(spec, settings, data_conn.fileno(), stats)
+    except ValueError as exc:
+        log.error("%s: cannot start: %s", spec.label, exc)
+        os._exit(EXIT_FATAL)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    code = worker.run()
+    os._exit(code)
+
+
+def sample_spec(exchange: str, symbols: Sequence[SymbolInfo]) -> WorkerSpec:
+    """A one-shard spec (used by `mdlogger-supervisor test`)."""
+    return WorkerSpec(slot=0, exchange=exchange, shard=0, symbols=tuple(symbols), connect_interval=0.0)

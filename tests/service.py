@@ -1,0 +1,150 @@
+"""Run the real service (a separate process tree) against loopback fakes, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import yaml
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError("timed out after %.0f s waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def fast_logger(data_path: str, **extra) -> dict:
+    """Logger settings with short timers, for tests."""
+    cfg = {
+        "data_path": data_path,
+        "health_check_port": 0,
+        "flush_interval_secs": 0.2,
+        "heartbeat_timeout_secs": 5.0,
+        "stall_timeout_secs": 10.0,
+        "shutdown_timeout_secs": 10.0,
+        "healthy_run_secs": 5.0,
+        "restart_delay_secs": 0.2,
+        "max_restart_delay_secs": 1.0,
+        "fsync_interval_secs": 5.0,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def binance_section(port: int, symbols, **extra) -> dict:
+    cfg = {
+        "enabled": True,
+        "ws_endpoint": "ws://127.0.0.1:%d" % port,
+        "rest_endpoint": "http://127.0.0.1:%d" % port,
+        "symbols": list(symbols),
+        "reconnect_delay_secs": 0.1,
+        "max_reconnect_delay_secs": 0.5,
+        "silence_timeout_secs": 5.0,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class Service:
+    """``mdlogger-supervisor --config <file> run`` in its own process."""
+
+    def __init__(self, tmp_path, config: dict, args=(), env=None):
+        self.config_path = os.path.join(str(tmp_path), "logger.yaml")
+        with open(self.config_path, "w") as fh:
+            yaml.safe_dump(config, fh)
+        self.log_path = os.path.join(str(tmp_path), "service.log")
+        self.data_path = config["logger"]["data_path"]
+        self._log = open(self.log_path, "w")
+        full_env = dict(os.environ)
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mdlogger", "--config", self.config_path, "run", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+        self.port = None
+
+    # -- observing ---------------------------------------------------------------
+    def log_text(self) -> str:
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()
+
+    def health_port(self) -> int:
+        if self.port is None:
+            m = wait_for(lambda: re.search(r"health on http://[\d.]+:(\d+)/health", self.log_text()),
+                         timeout=30, what="the health server")
+            self.port = int(m.group(1))
+        return self.port
+
+    def health(self) -> tuple[int, dict]:
+        url = "http://127.0.0.1:%d/health" % self.health_port()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_healthy(self, timeout: float = 30.0) -> dict:
+        def ok():
+            code, doc = self.health()
+            return doc if code == 200 else None
+
+        return wait_for(ok, timeout, 0.1, "HTTP 200 from /health")
+
+    def shards(self) -> list[dict]:
+        return self.health()[1]["shards"]
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def pids(self) -> dict[str, int]:
+        doc = self.health()[1]
+        out = {"writer": doc["writer"]["pid"]}
+        for s in doc["shards"]:
+            out["%s#%d" % (s["exchange"], s["shard"])] = s["pid"]
+        return out
+
+    # -- stopping --------------------------------------------------------------------
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill_tree(self) -> None:
+        """SIGKILL every process of the service at once (a power cut, as far as files go)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._log.close()
+
+    def ensure_dead(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if not self._log.closed:
+            self._log.close()

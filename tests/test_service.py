@@ -1,0 +1,273 @@
+"""The real service (supervisor, workers, writer) against the loopback fake Binance.
+
+Every test here runs real processes, real sockets and real files, and kills
+things for real. Timers are shortened through the configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from mdlogger import records as rec
+from mdlogger.fakes.binance import FakeBinance
+from mdlogger.reader import read_rows
+from mdlogger.storage import iter_tables, table_rows
+
+from service import Service, binance_section, fast_logger, wait_for
+
+pytestmark = pytest.mark.slow
+
+SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
+
+
+@pytest.fixture
+def fake():
+    server = FakeBinance(symbols=SYMBOLS + ["DOGE-USDT"], mode="script", ping_interval=1.0)
+    server.start()
+    yield server
+    server.stop()
+
+
+def service_for(tmp_path, fake, symbols=SYMBOLS, logger=None, **binance):
+    data = os.path.join(str(tmp_path), "data")
+    binance.setdefault("symbols_per_connection", 2)
+    config = {
+        "logger": fast_logger(data, **(logger or {})),
+        "exchanges": {"binance": binance_section(fake.port, symbols, **binance)},
+    }
+    return Service(tmp_path, config)
+
+
+@pytest.fixture
+def running(tmp_path, fake):
+    svc = service_for(tmp_path, fake)
+    try:
+        svc.wait_healthy()
+        yield svc
+    finally:
+        svc.ensure_dead()
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
+def f32(x: float) -> float:
+    import struct
+
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def expected_trade_row(t: dict) -> tuple:
+    sec, nanos = rec.from_millis(t["T"])
+    side = rec.SIDE_SELL if t["m"] else rec.SIDE_BUY
+    return (t["t"], sec, nanos, f32(float(t["p"])), f32(float(t["q"])), side, rec.ZERO_ID, rec.ZERO_ID)
+
+
+def expected_md_row(d: dict) -> tuple:
+    sec, nanos = rec.from_millis(d["E"])
+    return (sec, nanos, f32(float(d["c"])), f32(float(d["Q"])), 0, f32(float(d["b"])), f32(float(d["a"])))
+
+
+def normalized(exchange_symbol: str) -> str:
+    for s in SYMBOLS + ["DOGE-USDT"]:
+        if s.replace("-", "") == exchange_symbol:
+            return s
+    raise KeyError(exchange_symbol)
+
+
+def assert_tables_whole(data_path: str) -> int:
+    """Every table's columns hold the same number of rows; returns the total rows."""
+    total = 0
+    for key in iter_tables(data_path):
+        rows = table_rows(data_path, key)
+        assert len(set(rows.values())) == 1, "torn table %s: %s" % (key, rows)
+        total += next(iter(rows.values()))
+    return total
+
+
+def records_received(svc) -> int:
+    return sum(s["records"] for s in svc.shards())
+
+
+def test_rows_on_disk_equal_what_the_fake_sent(running, fake):
+    doc = running.health()[1]
+    assert [s["symbols"] for s in doc["shards"]] == [2, 1]
+    assert all(s["state"] == "running" and s["connected"] for s in doc["shards"])
+    wait_for(lambda: fake.subscribed_streams() >= {"%s@trade" % s.replace("-", "").lower() for s in SYMBOLS},
+             what="subscriptions")
+    for i in range(40):
+        for sym in SYMBOLS:
+            fake.push_trade(sym)
+        if i % 10 == 0:
+            for sym in SYMBOLS:
+                fake.push_ticker(sym)
+    sent_trades = list(fake.sent_trades)
+    sent_tickers = list(fake.sent_tickers)
+    total = len(sent_trades) + len(sent_tickers)
+    wait_for(lambda: records_received(running) == total, what="all records received")
+    assert running.stop() == 0
+    for sym in SYMBOLS:
+        want = [expected_trade_row(t) for t in sent_trades if normalized(t["s"]) == sym]
+        got = read_rows(running.data_path, "binance", sym, "TRADES", today())
+        assert got == want
+        want_md = [expected_md_row(d) for d in sent_tickers if normalized(d["s"]) == sym]
+        got_md = read_rows(running.data_path, "binance", sym, "MD", today())
+        assert len(got_md) == len(want_md) == 4
+        for g, w in zip(got_md, want_md):
+            assert g[:2] == w[:2] and g[4] == w[4] and all(a == b for a, b in zip(g[2:], w[2:]))
+    # DOGE was listed but not configured: nothing of it on disk.
+    assert not os.path.exists(os.path.join(running.data_path, "binance", "DOGE-USDT"))
+    assert "supervisor stopped" in running.log_text()
+
+
+def test_sigterm_keeps_everything_received(running, fake):
+    wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
+    for _ in range(500):
+        for sym in SYMBOLS:
+            fake.push_trade(sym)
+    wait_for(lambda: records_received(running) == 1500, what="records received")
+    started = time.monotonic()
+    assert running.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    total = sum(len(read_rows(running.data_path, "binance", s, "TRADES", today())) for s in SYMBOLS)
+    assert total == 1500
+    assert_tables_whole(running.data_path)
+
+
+def test_sigint_to_the_whole_group_is_a_clean_stop(running, fake):
+    """Ctrl-C reaches every process of the group; workers and writer leave it to the supervisor."""
+    wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
+    for _ in range(100):
+        fake.push_trade("BTC-USDT")
+    wait_for(lambda: records_received(running) == 100, what="records received")
+    os.killpg(running.proc.pid, signal.SIGINT)
+    assert running.proc.wait(20) == 0
+    assert len(read_rows(running.data_path, "binance", "BTC-USDT", "TRADES", today())) == 100
+
+
+def test_killed_worker_is_restarted_and_others_keep_writing(tmp_path):
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=50, ping_interval=1.0) as fake:
+        svc = service_for(tmp_path, fake)
+        try:
+            svc.wait_healthy()
+            before = {s["shard"]: s for s in svc.shards()}
+            victim = before[0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            other_records = before[1]["records"]
+
+            def restarted():
+                s = {x["shard"]: x for x in svc.shards()}
+                return s[0]["pid"] not in (None, victim) and s[0]["restarts"] == 1 and s[0]["connected"] and s
+
+            shards = wait_for(restarted, timeout=15, what="shard 0 restarted")
+            assert shards[1]["records"] > other_records  # the other shard never stopped
+            assert shards[1]["restarts"] == 0
+            assert "killed by SIGKILL" in svc.log_text()
+            wait_for(lambda: svc.health()[0] == 200, what="healthy again")
+            assert svc.stop() == 0
+            assert_tables_whole(svc.data_path)
+        finally:
+            svc.ensure_dead()
+
+
+def test_killed_writer_is_restarted_and_no_table_is_torn(tmp_path):
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=200, ping_interval=1.0) as fake:
+        svc = service_for(tmp_path, fake)
+        try:
+            svc.wait_healthy()
+            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 200, what="rows written")
+            writer = svc.health()[1]["writer"]["pid"]
+            os.kill(writer, signal.SIGKILL)
+            doc = wait_for(lambda: (lambda d: d if d["writer"]["pid"] not in (None, writer) else None)(svc.health()[1]),
+                           what="a new writer")
+            assert doc["writer"]["restarts"] == 1
+            rows_before = assert_tables_whole(svc.data_path)
+            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 100, what="new writer writing")
+            assert svc.stop() == 0
+            assert assert_tables_whole(svc.data_path) > rows_before
+        finally:
+            svc.ensure_dead()
+
+
+def test_whole_tree_killed_then_restarted_repairs_torn_tables(tmp_path):
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=300, ping_interval=1.0) as fake:
+        svc = service_for(tmp_path, fake)
+        try:
+            svc.wait_healthy()
+            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 500, what="rows written")
+        finally:
+            svc.kill_tree()
+        # Make sure a table is torn, as a power cut in the middle of a flush would leave it.
+        key = next(k for k in iter_tables(svc.data_path) if k.kind == rec.KIND_TRADES)
+        path = os.path.join(svc.data_path, "binance", key.symbol, "TRADES", "price.%s.bin" % key.day)
+        with open(path, "ab") as fh:
+            fh.write(b"\x01\x02\x03\x04\x05\x06")
+        os.makedirs(os.path.join(str(tmp_path), "second"), exist_ok=True)
+        again = service_for(os.path.join(str(tmp_path), "second"), fake)
+        again.data_path = svc.data_path
+        try:
+            wait_for(lambda: "repaired torn table" in again.log_text(), what="the repair log line")
+            assert "cut price 6 bytes" in again.log_text()
+            again.wait_healthy()
+            assert again.stop() == 0
+        finally:
+            again.ensure_dead()
+        assert_tables_whole(svc.data_path)
+
+
+def test_worker_killed_while_the_writer_is_stalled_does_not_stall_others(tmp_path):
+    """Pitfall 2: a producer SIGKILLed with full pipes must not block anyone else."""
+    with FakeBinance(symbols=SYMBOLS, mode="firehose", ping_interval=1.0) as fake:
+        svc = service_for(tmp_path, fake)
+        try:
+            svc.wait_healthy()
+            writer = psutil_process(svc.health()[1]["writer"]["pid"])
+            writer.suspend()  # the writer is "slow": pipes and worker buffers fill
+            time.sleep(1.5)
+            shards = {s["shard"]: s for s in svc.shards()}
+            os.kill(shards[0]["pid"], signal.SIGKILL)
+            time.sleep(0.5)
+            writer.resume()
+            wait_for(lambda: {s["shard"]: s for s in svc.shards()}[0]["restarts"] == 1, what="restart")
+            rows = svc.health()[1]["writer"]["rows_written"]
+            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > rows + 10000, what="writing resumed")
+            doc = svc.health()[1]
+            assert all(s["connected"] for s in doc["shards"])
+            assert sum(s["dropped_records"] for s in doc["shards"]) > 0  # counted, not silent
+            assert svc.stop() == 0
+            assert_tables_whole(svc.data_path)
+        finally:
+            svc.ensure_dead()
+
+
+def psutil_process(pid):
+    import psutil
+
+    return psutil.Process(pid)
+
+
+def test_silent_connection_is_reconnected(tmp_path):
+    with FakeBinance(symbols=SYMBOLS, mode="idle", ping_interval=0.5) as fake:
+        svc = service_for(tmp_path, fake, silence_timeout_secs=1.5)
+        try:
+            svc.wait_healthy()
+            time.sleep(2.5)  # idle but pinged: a quiet symbol is normal, no reconnect
+            assert all(s["reconnects"] == 0 for s in svc.shards())
+            fake.go_silent(4.0)
+            wait_for(lambda: all(s["reconnects"] >= 1 for s in svc.shards()), timeout=15, what="reconnects")
+            assert "silent for" in svc.log_text()
+            wait_for(lambda: all(s["connected"] for s in svc.shards()), what="connected again")
+            assert svc.stop() == 0
+        finally:
+            svc.ensure_dead()
+
+
+def test_pongs_echo_and_client_stays_within_five_messages_per_second(running, fake):
+    time.sleep(2.5)
+    assert fake.violations == []
+    assert fake.pongs_matched() >= 2
