@@ -108,6 +108,16 @@ class Service:
 
         return wait_for(ok, timeout, 0.1, "HTTP 200 from /health")
 
+    def wait_all_connected(self, shards: int, timeout: float = 30.0) -> list[dict]:
+        """Healthy, with ``shards`` shards all running and connected."""
+        self.wait_healthy(timeout)
+
+        def ok():
+            s = self.shards()
+            return s if len(s) == shards and all(x["state"] == "running" and x["connected"] for x in s) else None
+
+        return wait_for(ok, timeout, 0.1, "%d shards running and connected" % shards)
+
     def shards(self) -> list[dict]:
         return self.health()[1]["shards"]
 

@@ -32,8 +32,8 @@ def fake():
     server.stop()
 
 
-def service_for(tmp_path, fake, symbols=SYMBOLS, logger=None, **binance):
-    data = os.path.join(str(tmp_path), "data")
+def service_for(tmp_path, fake, symbols=SYMBOLS, logger=None, data=None, **binance):
+    data = data or os.path.join(str(tmp_path), "data")
     binance.setdefault("symbols_per_connection", 2)
     config = {
         "logger": fast_logger(data, **(logger or {})),
@@ -46,7 +46,7 @@ def service_for(tmp_path, fake, symbols=SYMBOLS, logger=None, **binance):
 def running(tmp_path, fake):
     svc = service_for(tmp_path, fake)
     try:
-        svc.wait_healthy()
+        svc.wait_all_connected(2)
         yield svc
     finally:
         svc.ensure_dead()
@@ -154,7 +154,7 @@ def test_killed_worker_is_restarted_and_others_keep_writing(tmp_path):
     with FakeBinance(symbols=SYMBOLS, mode="steady", rate=50, ping_interval=1.0) as fake:
         svc = service_for(tmp_path, fake)
         try:
-            svc.wait_healthy()
+            svc.wait_all_connected(2)
             before = {s["shard"]: s for s in svc.shards()}
             victim = before[0]["pid"]
             os.kill(victim, signal.SIGKILL)
@@ -179,7 +179,7 @@ def test_killed_writer_is_restarted_and_no_table_is_torn(tmp_path):
     with FakeBinance(symbols=SYMBOLS, mode="steady", rate=200, ping_interval=1.0) as fake:
         svc = service_for(tmp_path, fake)
         try:
-            svc.wait_healthy()
+            svc.wait_all_connected(2)
             wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 200, what="rows written")
             writer = svc.health()[1]["writer"]["pid"]
             os.kill(writer, signal.SIGKILL)
@@ -198,7 +198,7 @@ def test_whole_tree_killed_then_restarted_repairs_torn_tables(tmp_path):
     with FakeBinance(symbols=SYMBOLS, mode="steady", rate=300, ping_interval=1.0) as fake:
         svc = service_for(tmp_path, fake)
         try:
-            svc.wait_healthy()
+            svc.wait_all_connected(2)
             wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 500, what="rows written")
         finally:
             svc.kill_tree()
@@ -208,8 +208,7 @@ def test_whole_tree_killed_then_restarted_repairs_torn_tables(tmp_path):
         with open(path, "ab") as fh:
             fh.write(b"\x01\x02\x03\x04\x05\x06")
         os.makedirs(os.path.join(str(tmp_path), "second"), exist_ok=True)
-        again = service_for(os.path.join(str(tmp_path), "second"), fake)
-        again.data_path = svc.data_path
+        again = service_for(os.path.join(str(tmp_path), "second"), fake, data=svc.data_path)
         try:
             wait_for(lambda: "repaired torn table" in again.log_text(), what="the repair log line")
             assert "cut price 6 bytes" in again.log_text()
@@ -223,9 +222,9 @@ def test_whole_tree_killed_then_restarted_repairs_torn_tables(tmp_path):
 def test_worker_killed_while_the_writer_is_stalled_does_not_stall_others(tmp_path):
     """Pitfall 2: a producer SIGKILLed with full pipes must not block anyone else."""
     with FakeBinance(symbols=SYMBOLS, mode="firehose", ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake)
+        svc = service_for(tmp_path, fake, logger={"worker_buffer_bytes": 256 * 1024})
         try:
-            svc.wait_healthy()
+            svc.wait_all_connected(2)
             writer = psutil_process(svc.health()[1]["writer"]["pid"])
             writer.suspend()  # the writer is "slow": pipes and worker buffers fill
             time.sleep(1.5)
@@ -255,7 +254,7 @@ def test_silent_connection_is_reconnected(tmp_path):
     with FakeBinance(symbols=SYMBOLS, mode="idle", ping_interval=0.5) as fake:
         svc = service_for(tmp_path, fake, silence_timeout_secs=1.5)
         try:
-            svc.wait_healthy()
+            svc.wait_all_connected(2)
             time.sleep(2.5)  # idle but pinged: a quiet symbol is normal, no reconnect
             assert all(s["reconnects"] == 0 for s in svc.shards())
             fake.go_silent(4.0)
