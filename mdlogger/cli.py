@@ -120,6 +120,57 @@ def dump(ctx: click.Context, exchange: str, symbol: str, table: str, day: str, d
         sys.exit(1)
 
 
+def _exchange_settings(ctx: click.Context, exchange: str):
+    try:
+        settings = load_settings(_config_path(ctx.obj["config"]), os.environ, None, check_resources=False)
+    except ConfigError as exc:
+        _fail_config(exc)
+    return settings.exchange(exchange)
+
+
+@main.command()
+@click.argument("exchange", type=click.Choice(EXCHANGES))
+@click.pass_context
+def symbols(ctx: click.Context, exchange: str) -> None:
+    """Discover and print an exchange's symbols."""
+    from .rest import RestError
+    from .tools import discover, print_symbols
+
+    try:
+        listed = discover(_exchange_settings(ctx, exchange))
+    except RestError as exc:
+        click.echo("mdlogger-supervisor symbols: %s" % exc, err=True)
+        sys.exit(1)
+    print_symbols(listed, sys.stdout)
+
+
+@main.command("test")
+@click.argument("exchange", type=click.Choice(EXCHANGES))
+@click.option("--symbols", "wanted", default=None, help="Comma-separated symbols (default: the first one or two configured).")
+@click.option("--count", default=10, show_default=True, help="Records to print.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for them.")
+@click.pass_context
+def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: int, timeout: float) -> None:
+    """Connect, subscribe to one or two symbols and print the first parsed records."""
+    from .exchanges import adapter_for
+    from .exchanges.base import resolve_symbols
+    from .rest import RestError
+    from .tools import discover, test_feed
+
+    xs = _exchange_settings(ctx, exchange)
+    try:
+        listed = discover(xs)
+    except RestError as exc:
+        click.echo("FAILED: cannot list symbols: %s" % exc, err=True)
+        sys.exit(1)
+    names = [n.strip() for n in wanted.split(",")] if wanted else list(xs.symbols[:2])
+    chosen, problems = resolve_symbols(adapter_for(xs), listed, names)
+    if problems or not chosen:
+        click.echo("FAILED: symbols not tradable: %s" % (", ".join("%s (%s)" % p for p in problems) or "none"), err=True)
+        sys.exit(1)
+    sys.exit(test_feed(xs, chosen[:2], count, timeout, sys.stdout))
+
+
 @main.command()
 @click.option("--data-path", default="./mdlogger-demo-data", show_default=True)
 @click.option("--health-port", type=int, default=8080, show_default=True)

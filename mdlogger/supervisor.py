@@ -458,7 +458,8 @@ class Supervisor:
     # -- shutdown -------------------------------------------------------------------
     def _shutdown(self) -> int:
         timeout = self.settings.logger.shutdown_timeout_secs
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         self._notify("STOPPING=1")
         self.discovery_stop.set()
         workers = [s.process for s in self.slots.values() if s.process is not None]
@@ -475,7 +476,7 @@ class Supervisor:
         code = 0
         if self.writer_process is not None and self.writer_process.exitcode not in (0, None):
             code = 1
-        log.info("supervisor stopped in %.1f s", timeout - (deadline - time.monotonic()))
+        log.info("supervisor stopped in %.1f s", time.monotonic() - began)
         self.log_receiver.stop()
         return code
 

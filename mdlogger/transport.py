@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
+import math
 import os
 import select
 import struct
@@ -78,53 +79,82 @@ class FrameSender:
 
     ``add_md``/``add_trade`` append one packed record; a full batch becomes a
     frame at once, a partial one when :meth:`seal` is called (the worker does
-    so after ``batch_max_delay``). :meth:`pump` writes waiting frames until the
+    so once ``seal_at`` has passed: ``batch_delay`` after the oldest record). :meth:`pump` writes waiting frames until the
     pipe is full. ``max_buffer_bytes`` bounds what waits; past it new frames are
     dropped and counted in ``dropped_records``.
     """
 
-    def __init__(self, fd: int, exchange: int, max_buffer_bytes: int):
+    def __init__(self, fd: int, exchange: int, max_buffer_bytes: int, batch_delay: float = 0.005):
         self.fd = fd
         self.exchange = exchange
         self.max_buffer_bytes = max_buffer_bytes
+        self.batch_delay = batch_delay
         os.set_blocking(fd, False)
-        self._batches = {KIND_MD: bytearray(), KIND_TRADES: bytearray()}
-        self._counts = {KIND_MD: 0, KIND_TRADES: 0}
-        self._oldest = 0.0  # monotonic time the oldest unsealed record was added
+        self._trades = bytearray()
+        self._ntrades = 0
+        self._md = bytearray()
+        self._nmd = 0
+        self._max_trades = MAX_RECORDS[KIND_TRADES]
+        self._max_md = MAX_RECORDS[KIND_MD]
+        # monotonic time by which the oldest unsealed record must be sent
+        # (inf when nothing waits): one comparison per message in the worker.
+        self.seal_at = math.inf
         self._frames: collections.deque[bytes] = collections.deque()
         self._frame_records: collections.deque[int] = collections.deque()
         self.buffered_bytes = 0
         self.dropped_records = 0
         self.frames_sent = 0
         self.records_sent = 0
+        self.trades_added = 0
+        self.md_added = 0
         self.broken = False  # the reading side is gone (EPIPE)
 
     # -- building batches -------------------------------------------------
+    def add_trade(self, record: bytes) -> None:
+        if self.seal_at == math.inf:
+            self.seal_at = time.monotonic() + self.batch_delay
+        self._trades += record
+        self._ntrades += 1
+        self.trades_added += 1
+        if self._ntrades >= self._max_trades:
+            self._seal_trades()
+
+    def add_md(self, record: bytes) -> None:
+        if self.seal_at == math.inf:
+            self.seal_at = time.monotonic() + self.batch_delay
+        self._md += record
+        self._nmd += 1
+        self.md_added += 1
+        if self._nmd >= self._max_md:
+            self._seal_md()
+
     def add(self, kind: int, record: bytes) -> None:
-        batch = self._batches[kind]
-        if not batch and not self._counts[KIND_MD] + self._counts[KIND_TRADES]:
-            self._oldest = time.monotonic()
-        batch += record
-        self._counts[kind] += 1
-        if self._counts[kind] >= MAX_RECORDS[kind]:
-            self._seal_kind(kind)
+        (self.add_trade if kind == KIND_TRADES else self.add_md)(record)
 
     def has_partial(self) -> bool:
-        return bool(self._counts[KIND_MD] or self._counts[KIND_TRADES])
-
-    def partial_age(self, now: float) -> float:
-        return now - self._oldest if self.has_partial() else 0.0
+        return bool(self._ntrades or self._nmd)
 
     def seal(self) -> None:
-        for kind in (KIND_MD, KIND_TRADES):
-            if self._counts[kind]:
-                self._seal_kind(kind)
+        if self._ntrades:
+            self._seal_trades()
+        if self._nmd:
+            self._seal_md()
 
-    def _seal_kind(self, kind: int) -> None:
-        records = bytes(self._batches[kind])
-        count = self._counts[kind]
-        self._batches[kind] = bytearray()
-        self._counts[kind] = 0
+    def _seal_trades(self) -> None:
+        records, count = bytes(self._trades), self._ntrades
+        self._trades = bytearray()
+        self._ntrades = 0
+        self._queue(KIND_TRADES, records, count)
+
+    def _seal_md(self) -> None:
+        records, count = bytes(self._md), self._nmd
+        self._md = bytearray()
+        self._nmd = 0
+        self._queue(KIND_MD, records, count)
+
+    def _queue(self, kind: int, records: bytes, count: int) -> None:
+        if not (self._ntrades or self._nmd):
+            self.seal_at = math.inf
         frame = encode_frame(kind, self.exchange, records)
         if self.buffered_bytes + len(frame) > self.max_buffer_bytes:
             self.dropped_records += count

@@ -24,6 +24,7 @@ Silence is per connection, never per symbol.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import ssl
@@ -47,7 +48,8 @@ log = logging.getLogger("mdlogger.worker")
 EXIT_OK = 0
 EXIT_FATAL = 3  # cannot start at all (bad symbols, no adapter): the supervisor must not retry
 TICK_SECS = 0.25
-RATE_LOG_SECS = 60.0
+RATE_LOG_SECS = 60.0  # each worker logs its message rate this often
+RATE_WINDOW_SECS = 5.0  # the rate on /health is measured over this window
 SAMPLE_MAX = 300
 
 
@@ -84,6 +86,7 @@ class BufferedSocket:
 
     def __init__(self, sock):
         self._sock = sock
+        self._timeout = sock.gettimeout()
         self._buf = b""
         self._pos = 0
 
@@ -102,6 +105,14 @@ class BufferedSocket:
 
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    # websocket-client asks for the timeout on every read: answer from a cache.
+    def gettimeout(self):
+        return self._timeout
+
+    def settimeout(self, value) -> None:
+        self._sock.settimeout(value)
+        self._timeout = value
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
@@ -131,20 +142,25 @@ class WorkerSink(Sink):
         self.sender = sender
         self.stats = stats
         self.label = label
-        self.md = 0
-        self.trades = 0
         self._logged_reasons: set[str] = set()
         self._md_pack = rec.MD_WIRE.pack
         self._trade_pack = rec.TRADE_WIRE.pack
-        self._add = sender.add
+        self._add_md = sender.add_md
+        self.raw_trade = sender.add_trade
+
+    @property
+    def trades(self) -> int:
+        return self.sender.trades_added
+
+    @property
+    def md(self) -> int:
+        return self.sender.md_added
 
     def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID):
-        self._add(rec.KIND_TRADES, self._trade_pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker))
-        self.trades += 1
+        self.raw_trade(self._trade_pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker))
 
     def ticker(self, symbol, sec, nanos, price, volume, side, bid, ask):
-        self._add(rec.KIND_MD, self._md_pack(symbol, sec, nanos, price, volume, side, bid, ask))
-        self.md += 1
+        self._add_md(self._md_pack(symbol, sec, nanos, price, volume, side, bid, ask))
 
     def refuse(self, reason: str, sample) -> None:
         if reason not in DROP_REASONS:
@@ -177,7 +193,8 @@ class Worker:
         self.xsettings = settings.exchange(spec.exchange)
         self.adapter = adapter_for(self.xsettings)
         self.stats = stats
-        self.sender = FrameSender(data_fd, rec.EXCHANGE_CODES[spec.exchange], settings.logger.worker_buffer_bytes)
+        self.sender = FrameSender(data_fd, rec.EXCHANGE_CODES[spec.exchange], settings.logger.worker_buffer_bytes,
+                                  settings.logger.batch_max_delay_ms / 1000.0)
         self.sink = WorkerSink(self.sender, stats, spec.label)
         self.backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
         self.stop_requested = False
@@ -187,6 +204,7 @@ class Worker:
         self.messages = 0
         self._published = {"messages": 0, "md": 0, "trades": 0, "dropped": 0, "frames": 0, "records": 0}
         self._rate_mark = (time.monotonic(), 0)
+        self._last_rate_log = time.monotonic()
         self._next_tick = 0.0
 
     # -- lifecycle ----------------------------------------------------------
@@ -211,7 +229,8 @@ class Worker:
                 log.warning("%s: connection lost: %s", self.spec.label, exc)
                 delay = self.backoff.next_delay()
             except (websocket.WebSocketException, OSError, ssl.SSLError) as exc:
-                log.warning("%s: connection failed: %s: %s", self.spec.label, type(exc).__name__, exc)
+                level = logging.INFO if self.stop_requested else logging.WARNING
+                log.log(level, "%s: connection failed: %s: %s", self.spec.label, type(exc).__name__, exc)
                 delay = self.backoff.next_delay()
             self._disconnected()
             if delay and not self.stop_requested:
@@ -279,41 +298,42 @@ class Worker:
             ws.shutdown()
 
     def _receive(self, ws, session, limiter: SendLimiter, opened: float) -> None:
-        adapter = self.adapter
+        """The hot loop: one iteration per frame, everything else once per tick."""
         sink = self.sink
         sender = self.sender
         silence = self.xsettings.silence_timeout_secs
-        max_frame = adapter.max_frame_bytes
-        max_age = adapter.max_connection_age
+        max_frame = self.adapter.max_frame_bytes
+        max_age = self.adapter.max_connection_age
         healthy = self.settings.logger.healthy_run_secs
         batch_delay = self.batch_delay
-        OP_TEXT, OP_BINARY, OP_CLOSE = websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_CLOSE
+        on_message = session.on_message
+        recv_frame = ws.recv_frame  # frames as they come: we answer pings and join fragments ourselves
+        op_text = websocket.ABNF.OPCODE_TEXT
         monotonic, time_ns = time.monotonic, time.time_ns
         last_frame = monotonic()
         timeout = TICK_SECS
         ws.settimeout(timeout)
         backoff_reset = False
+        fragments: list[websocket.ABNF] = []
         while not self.stop_requested:
             try:
-                opcode, frame = ws.recv_data_frame(True)
+                frame = recv_frame()
             except websocket.WebSocketTimeoutException:
-                opcode = None
+                frame = None
             now = monotonic()
-            if opcode is not None:
+            if frame is not None:
                 last_frame = now
-                if opcode == OP_TEXT or opcode == OP_BINARY:
+                if frame.opcode == op_text and frame.fin:
                     self.messages += 1
                     data = frame.data
                     try:
-                        if opcode == OP_BINARY:
-                            raise Refused("binary", data[:64])
                         if len(data) > max_frame:
                             raise Refused("oversized", data[:64])
-                        session.on_message(data, time_ns())
+                        on_message(data, time_ns())
                     except Refused as exc:
                         sink.refuse(exc.reason, exc.detail or data)
-                elif opcode == OP_CLOSE:
-                    raise ConnectionLost("closed by the exchange: %s" % _close_reason(frame.data))
+                else:
+                    self._other_frame(ws, frame, fragments, session, max_frame)
             elif now - last_frame > silence:
                 raise ConnectionLost("silent for %.0f s" % (now - last_frame))
             else:
@@ -321,20 +341,59 @@ class Worker:
                 if ping is not None:
                     limiter.wait()
                     ws.send(ping)
-            if sender.has_partial() and sender.partial_age(now) >= batch_delay:
+            if now >= sender.seal_at:
                 sender.seal()
-            want = batch_delay if sender.has_partial() else TICK_SECS
-            if want != timeout:
-                timeout = want
+            elif timeout != batch_delay and sender.seal_at != math.inf:
+                timeout = batch_delay  # a partial batch waits: do not block longer than its delay
                 ws.settimeout(timeout)
             if now >= self._next_tick:
                 self._tick(now)
                 self.stats.set("last_message", time.time() - (now - last_frame))
+                if timeout != TICK_SECS and sender.seal_at == math.inf:
+                    timeout = TICK_SECS
+                    ws.settimeout(timeout)
                 if not backoff_reset and now - opened >= healthy:
                     self.backoff.reset()
                     backoff_reset = True
                 if max_age and now - opened >= max_age:
                     raise Reconnect("connection is %.1f h old" % ((now - opened) / 3600))
+
+    def _other_frame(self, ws, frame, fragments: list, session, max_frame: int) -> None:
+        """Control frames, binary frames and fragmented messages (rare)."""
+        op = frame.opcode
+        ABNF = websocket.ABNF
+        if op == ABNF.OPCODE_PING:
+            ws.pong(frame.data)  # echo the payload, as Binance requires
+        elif op == ABNF.OPCODE_PONG:
+            pass  # liveness only
+        elif op == ABNF.OPCODE_CLOSE:
+            raise ConnectionLost("closed by the exchange: %s" % _close_reason(frame.data))
+        elif op in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY) and frame.fin:
+            self.messages += 1
+            self.sink.refuse("binary", frame.data[:64])
+        elif op in (ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY, ABNF.OPCODE_CONT):
+            if op != ABNF.OPCODE_CONT:
+                fragments.clear()
+            elif not fragments:
+                raise ConnectionLost("continuation frame without a start")
+            fragments.append(frame)
+            size = sum(len(f.data) for f in fragments)
+            if size > max_frame:
+                fragments.clear()
+                self.messages += 1
+                self.sink.refuse("oversized", frame.data[:64])
+            elif frame.fin:
+                first = fragments[0]
+                data = b"".join(f.data for f in fragments)
+                fragments.clear()
+                self.messages += 1
+                if first.opcode == ABNF.OPCODE_BINARY:
+                    self.sink.refuse("binary", data[:64])
+                    return
+                try:
+                    session.on_message(data, time.time_ns())
+                except Refused as exc:
+                    self.sink.refuse(exc.reason, exc.detail or data)
 
     # -- bookkeeping -----------------------------------------------------------
     def _tick(self, now: float) -> None:
@@ -346,12 +405,13 @@ class Worker:
             log.error("%s: the supervisor is gone; exiting", self.spec.label)
             self.stop_requested = True
         since, count = self._rate_mark
-        if now - since >= RATE_LOG_SECS:
-            rate = (self.messages - count) / (now - since)
-            self.stats.set("rate", rate)
+        if now - since >= RATE_WINDOW_SECS:
+            self.stats.set("rate", (self.messages - count) / (now - since))
             self._rate_mark = (now, self.messages)
+        if now - self._last_rate_log >= RATE_LOG_SECS:
+            self._last_rate_log = now
             log.info("%s: %.1f msg/s, %d messages, %d records, %d dropped, %d refused",
-                     self.spec.label, rate, self.messages, self.sink.md + self.sink.trades,
+                     self.spec.label, self.stats.get("rate"), self.messages, self.sink.md + self.sink.trades,
                      self.sender.dropped_records, int(self.stats.get("parse_errors")))
 
     def _publish(self) -> None:

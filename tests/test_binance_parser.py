@@ -171,3 +171,33 @@ def test_subscribe_messages_are_chunked_lowercase(adapter):
     assert len(params) == 240 and params[0] == "a0usdt@trade" and params[1] == "a0usdt@ticker"
     assert all(m["method"] == "SUBSCRIBE" and len(m["params"]) <= 100 for m in msgs)
     assert len({m["id"] for m in msgs}) == len(msgs)
+
+
+def test_fast_path_packs_exactly_what_the_careful_path_does(adapter, monkeypatch):
+    """The worker's sink takes the fast path; its records equal the validated ones."""
+    import os
+    import time
+
+    from mdlogger.stats import WORKER_FIELDS, Block
+    from mdlogger.transport import FrameReader, FrameSender
+    from mdlogger.worker import WorkerSink
+
+    monkeypatch.setattr(base, "MAX_PAST_SECS", 2 * 86400)
+    r, w = os.pipe()
+    sender = FrameSender(w, rec.EXCHANGE_CODES["binance"], 1 << 20)
+    sink = WorkerSink(sender, Block(WORKER_FIELDS), "binance#0")
+    fast = adapter.new_session([SymbolInfo("BNB-BTC", "BNBBTC", "BNB", "BTC")], sink)
+    slow, slow_sink = session_for(adapter, [("BNB-BTC", "BNBBTC")])
+    now_ms = int(time.time() * 1000)
+    for i, maker in enumerate([True, False, True]):
+        msg = orjson.loads(REAL_TRADE)
+        msg["data"].update(T=now_ms + i, t=12345 + i, m=maker, p="%.8f" % (0.001 + i), q="7.5")
+        fast.on_message(orjson.dumps(msg), now_ms * 1_000_000)
+        slow.on_message(orjson.dumps(msg), now_ms * 1_000_000)
+    sender.seal()
+    reader = FrameReader(r)
+    reader.fill()
+    rows = [row for _, _, recs in reader.frames_ready() for row in rec.TRADE_WIRE.iter_unpack(recs)]
+    expected = [rec.TRADE_WIRE.unpack(rec.TRADE_WIRE.pack(*t, rec.ZERO_ID, rec.ZERO_ID)) for t in slow_sink.trades]
+    assert rows == expected and len(rows) == 3
+    assert sink.trades == 3

@@ -60,7 +60,14 @@ class Pause(Exception):
 
 
 class Sink:
-    """Where a session puts what it parsed (implemented by the worker)."""
+    """Where a session puts what it parsed (implemented by the worker).
+
+    ``raw_trade``, when not None, takes one already packed ``TRADE_WIRE``
+    record: a fast path for adapters whose common message needs no checks
+    beyond a few comparisons (see the Binance adapter).
+    """
+
+    raw_trade = None
 
     def trade(self, symbol: bytes, trade_id: int, sec: int, nanos: int, price: float, size: float,
               side: int, maker: bytes = rec.ZERO_ID, taker: bytes = rec.ZERO_ID) -> None:

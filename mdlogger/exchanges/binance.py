@@ -14,7 +14,11 @@ from __future__ import annotations
 import orjson
 
 from .. import records as rec
+from ..records import ZERO_ID
+from . import base
 from .base import (
+    MAX_PRICE,
+    MAX_SIZE,
     Exchange,
     Reconnect,
     Refused,
@@ -27,9 +31,16 @@ from .base import (
 )
 
 SUBSCRIBE_CHUNK = 100  # streams per SUBSCRIBE message
+MAX_PAST_MS = base.MAX_PAST_SECS * 1000
+MAX_FUTURE_MS = base.MAX_FUTURE_SECS * 1000
 
 
 class BinanceSession(Session):
+    def __init__(self, adapter, symbols, sink):
+        super().__init__(adapter, symbols, sink)
+        self._pack_trade = rec.TRADE_WIRE.pack
+        self._add_trade = sink.raw_trade  # the sink's fast path, when it has one
+
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         try:
             msg = orjson.loads(payload)
@@ -42,7 +53,10 @@ class BinanceSession(Session):
             self._control(msg, payload)
             return
         event = data.get("e")
-        if event == "trade" or event == "aggTrade":
+        if event == "trade":
+            if not self._fast_trade(data, recv_ns):
+                self._trade(data, event)
+        elif event == "aggTrade":
             self._trade(data, event)
         elif event == "24hrTicker":
             self._ticker(data)
@@ -50,6 +64,32 @@ class BinanceSession(Session):
             raise Reconnect("serverShutdown announced")
         else:
             raise Refused("unknown_type", payload[:200])
+
+    def _fast_trade(self, d: dict, recv_ns: int) -> bool:
+        """The common case in a few operations; anything unusual goes the careful way."""
+        add = self._add_trade
+        if add is None:
+            return False
+        try:
+            sym = self.by_name[d["s"]]
+            tid = d["t"]
+            ms = d["T"]
+            px = float(d["p"])
+            qty = float(d["q"])
+            maker = d["m"]
+        except (KeyError, TypeError, ValueError):
+            return False
+        now_ms = recv_ns // 1_000_000
+        if not (
+            type(tid) is int and 0 <= tid < 1 << 64
+            and type(ms) is int and now_ms - MAX_PAST_MS <= ms <= now_ms + MAX_FUTURE_MS
+            and 0.0 < px < MAX_PRICE and 0.0 < qty < MAX_SIZE
+            and (maker is True or maker is False)
+        ):
+            return False
+        sec, rem = divmod(ms, 1000)
+        add(self._pack_trade(sym, tid, sec, rem * 1_000_000, px, qty, 2 if maker else 1, ZERO_ID, ZERO_ID))
+        return True
 
     def _trade(self, d: dict, event: str) -> None:
         try:

@@ -9,7 +9,8 @@ connection with 1008 and is recorded in ``violations``), 1024 streams per
 connection, ``serverShutdown`` and the 24 h connection limit.
 
 Modes: ``steady`` (``rate`` trades/s per symbol, tickers every second),
-``firehose`` (trades as fast as the socket takes them), ``idle`` (pings
+``firehose`` (trades as fast as the socket takes them; ids repeat while
+a pre-encoded blob is resent, so use it for load, not for exactness), ``idle`` (pings
 only), ``script`` (the test calls ``push_trade``/``push_ticker``).
 """
 
@@ -26,6 +27,8 @@ from .wsserver import OP_PING, OP_PONG, OP_TEXT, ConnectionClosed, FakeServer, W
 DEFAULT_SYMBOLS = ("BTC-USDT", "ETH-USDT", "BNB-BTC", "SOL-USDT", "DOGE-USDT")
 START_PRICES = {"BTC": 87000.0, "ETH": 3100.0, "BNB": 0.0071, "SOL": 140.0, "DOGE": 0.16}
 MAX_STREAMS = 1024
+FIREHOSE_BLOB = 20000  # trades pre-encoded per firehose blob
+FIREHOSE_RENEW = 2.0  # seconds a blob is resent before fresh times and ids
 
 
 def _now_ms() -> int:
@@ -327,32 +330,45 @@ class FakeBinance(FakeServer):
                     break
 
     def _firehose(self, conn: WsConn) -> None:
-        """Trades as fast as the socket takes them, to every stream the connection has."""
+        """Trades as fast as the socket takes them, to every stream the connection has.
+
+        Frames are pre-encoded in blobs of ``FIREHOSE_BLOB`` trades and the
+        blob is sent again and again, renewed (fresh times, the next ids)
+        every ``FIREHOSE_RENEW`` seconds, so the fake spends its CPU in the
+        kernel's copy rather than in Python.
+        """
+        blob, made, streams = b"", 0.0, None
         while not conn.closed and not self._stopping.is_set():
             if self.silent():
                 time.sleep(0.05)
                 continue
-            states = [self.by_stream[s.split("@")[0]] for s in conn.state["subs"] if s.endswith("@trade")]
-            if not states:
+            subs = frozenset(s for s in conn.state["subs"] if s.endswith("@trade"))
+            if not subs:
                 time.sleep(0.01)
                 continue
-            parts = []
-            ms = _now_ms()
-            for _ in range(200):
-                for st in states:
-                    tid = st.next_id
-                    st.next_id += 1
-                    st.count += 1
-                    text = ('{"stream":"%s@trade","data":{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%.8f",'
-                            '"q":"0.01000000","T":%d,"m":%s,"M":true}}'
-                            % (st.stream, ms, st.name, tid, st.price, ms, "true" if tid & 1 else "false"))
-                    parts.append(encode_frame(OP_TEXT, text.encode()))
-            for st in states:
-                self.sent_counts[st.symbol] += 200
+            if subs != streams or time.monotonic() - made > FIREHOSE_RENEW:
+                streams = subs
+                blob, made = self._firehose_blob([self.by_stream[s.split("@")[0]] for s in sorted(subs)]), time.monotonic()
             try:
-                conn.send_frames(b"".join(parts))
+                conn.send_frames(blob)
             except ConnectionClosed:
                 return
+
+    def _firehose_blob(self, states) -> bytes:
+        parts = []
+        ms = _now_ms()
+        per = max(1, FIREHOSE_BLOB // len(states))
+        for _ in range(per):
+            for st in states:
+                tid = st.next_id
+                st.next_id += 1
+                text = ('{"stream":"%s@trade","data":{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%.8f",'
+                        '"q":"0.01000000","T":%d,"m":%s,"M":true}}'
+                        % (st.stream, ms, st.name, tid, st.price, ms, "true" if tid & 1 else "false"))
+                parts.append(encode_frame(OP_TEXT, text.encode()))
+        for st in states:
+            self.sent_counts[st.symbol] += per
+        return b"".join(parts)
 
     # -- faults -----------------------------------------------------------------------------------
     def drop_all(self, abort: bool = True) -> None:

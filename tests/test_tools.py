@@ -1,0 +1,92 @@
+"""Operator commands against the fake: check_symbols.py, symbols, test, dump."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mdlogger.fakes.binance import FakeBinance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fake():
+    with FakeBinance(symbols=["BTC-USDT", "ETH-USDT"], mode="steady", rate=50, ping_interval=1.0) as server:
+        yield server
+
+
+def config(tmp_path, fake, symbols):
+    path = tmp_path / "logger.yaml"
+    path.write_text(yaml.safe_dump({
+        "logger": {"data_path": str(tmp_path / "data"), "health_check_port": 0},
+        "exchanges": {"binance": {"enabled": True, "ws_endpoint": fake.url_ws, "rest_endpoint": fake.url_http,
+                                  "symbols": symbols}},
+    }))
+    return str(path)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_check_symbols_all_ok(tmp_path, fake):
+    proc = run("scripts/check_symbols.py", "binance", "--config", config(tmp_path, fake, ["BTC-USDT", "ETHUSDT"]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split() == ["BTC-USDT", "ok", "BTCUSDT"]
+    assert lines[2].split() == ["ETHUSDT", "ok", "ETHUSDT"]
+
+
+def test_check_symbols_reports_unknown_and_inactive(tmp_path, fake):
+    proc = run("scripts/check_symbols.py", "binance", "--config", config(tmp_path, fake, ["BTC-USDT", "NOPE-USDT", "OLD-BTC"]))
+    assert proc.returncode == 1
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:]}
+    assert rows == {"BTC-USDT": ["ok", "BTCUSDT"], "NOPE-USDT": ["unknown", "-"], "OLD-BTC": ["inactive", "OLDBTC"]}
+
+
+def test_check_symbols_unreachable_exchange(tmp_path, fake):
+    cfg = config(tmp_path, fake, ["BTC-USDT"])
+    fake.rest_status_override = 404
+    proc = run("scripts/check_symbols.py", "binance", "--config", cfg)
+    assert proc.returncode == 3 and "HTTP 404" in proc.stderr
+
+
+def test_symbols_command(tmp_path, fake):
+    proc = run("-m", "mdlogger", "--config", config(tmp_path, fake, []), "symbols", "binance")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["symbol", "exchange", "name"]
+    btc = next(line.split() for line in lines if line.startswith("BTC-USDT"))
+    assert btc == ["BTC-USDT", "BTCUSDT", "BTC", "USDT", "yes", "0.01000000", "0.00001000"]
+    assert any(line.split()[4] == "no" for line in lines[1:])
+
+
+def test_test_command_prints_records(tmp_path, fake):
+    proc = run("-m", "mdlogger", "--config", config(tmp_path, fake, ["BTC-USDT", "ETH-USDT"]), "test", "binance",
+               "--count", "5", "--timeout", "10")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("TRADES") + proc.stdout.count("MD ") >= 5 and "OK: " in proc.stdout
+
+
+def test_test_command_fails_when_nothing_arrives(tmp_path):
+    with FakeBinance(symbols=["BTC-USDT"], mode="idle", ping_interval=1.0) as idle:
+        proc = run("-m", "mdlogger", "--config", config(tmp_path, idle, ["BTC-USDT"]), "test", "binance", "--timeout", "2")
+    assert proc.returncode == 1 and "nothing parsed within 2 s" in proc.stdout
+
+
+def test_test_command_fails_when_unreachable(tmp_path, fake):
+    cfg = config(tmp_path, fake, ["BTC-USDT"])
+    text = open(cfg).read().replace(fake.url_ws, "ws://127.0.0.1:1")
+    open(cfg, "w").write(text)
+    proc = run("-m", "mdlogger", "--config", cfg, "test", "binance", "--timeout", "2")
+    assert proc.returncode == 1 and "cannot connect" in proc.stdout
+
+
+def test_dump_unknown_table_day(tmp_path):
+    proc = run("-m", "mdlogger", "dump", "binance", "BTC-USDT", "TRADES", "2026-01-01", "--data-path", str(tmp_path))
+    assert proc.returncode == 1 and "no such column file" in proc.stderr
