@@ -71,6 +71,7 @@ def health_document(supervisor) -> tuple[int, dict]:
             "corrupt_bytes": int(ws["corrupt_bytes"]),
             "refused_records": int(ws["refused_records"]),
             "repaired_tables": int(ws["repaired_tables"]),
+            "duplicate_trades_skipped": int(ws["duplicates"]),
         }
     )
     exchanges = {}

@@ -22,6 +22,10 @@ from typing import NamedTuple
 
 KIND_MD = 1
 KIND_TRADES = 2
+# Trades the exchange replays on subscribe (history, not live). Same layout as
+# TRADES; the writer stores one only if it is newer than the last stored trade
+# of its symbol (by id, or by time when the exchange has no ids).
+KIND_SNAPSHOT = 3
 TABLE_NAMES = {KIND_MD: "MD", KIND_TRADES: "TRADES"}
 
 SIDE_UNKNOWN = 0
@@ -74,10 +78,10 @@ COLUMNS = {KIND_MD: MD_COLUMNS, KIND_TRADES: TRADE_COLUMNS}
 # Wire layouts: symbol first, then the table's columns in file order.
 MD_WIRE = struct.Struct("<%ds" % SYMBOL_FIELD + "".join(c.code for c in MD_COLUMNS))
 TRADE_WIRE = struct.Struct("<%ds" % SYMBOL_FIELD + "".join(c.code for c in TRADE_COLUMNS))
-WIRE = {KIND_MD: MD_WIRE, KIND_TRADES: TRADE_WIRE}
+WIRE = {KIND_MD: MD_WIRE, KIND_TRADES: TRADE_WIRE, KIND_SNAPSHOT: TRADE_WIRE}
 
 # Index of the ``time`` field inside an unpacked wire tuple (symbol is 0).
-TIME_INDEX = {KIND_MD: 1, KIND_TRADES: 2}
+TIME_INDEX = {KIND_MD: 1, KIND_TRADES: 2, KIND_SNAPSHOT: 2}
 
 FLOAT32_MAX = 3.4028234663852886e38
 

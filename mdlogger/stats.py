@@ -66,6 +66,7 @@ WRITER_FIELDS = (
     "refused_records",  # records with an invalid symbol or day
     "dropped_records",  # rows given up after repeated I/O errors
     "repaired_tables",
+    "duplicates",  # snapshot trades not newer than the last stored one
     "pending_rows",
     "open_tables",
 )

@@ -138,6 +138,22 @@ def repair_all(data_path: str, days: set[str] | None = None) -> list[tuple[Table
     return repaired
 
 
+def last_trades(data_path: str, key: TableKey, n: int) -> list[tuple[int, int, int]]:
+    """``(id, sec, nanos)`` of up to the last ``n`` whole rows of a TRADES table."""
+    columns = {c.name: c for c in COLUMNS[KIND_TRADES]}
+    rows = min(table_rows(data_path, key).values())
+    take = min(rows, n)
+    if take == 0:
+        return []
+    values = {}
+    for name in ("id", "time", "nanos"):
+        column = columns[name]
+        with open(column_path(data_path, key, column), "rb") as fh:
+            fh.seek((rows - take) * column.width)
+            values[name] = struct.unpack("<%d%s" % (take, column.code), fh.read(take * column.width))
+    return list(zip(values["id"], values["time"], values["nanos"]))
+
+
 class TableFiles:
     """Open append-only descriptors for the columns of one table-day."""
 

@@ -23,7 +23,7 @@ the next reader blocked in ``recv`` for the rest of it. So:
 Frame layout (little-endian)::
 
     magic  4s   b"MDL\\x01"
-    kind   u8   1 = MD, 2 = TRADES (records.KIND_*)
+    kind   u8   1 = MD, 2 = TRADES, 3 = snapshot trades (records.KIND_*)
     exch   u8   records.EXCHANGE_CODES
     count  u16  number of records
     crc    u32  zlib.crc32 of the records
@@ -43,7 +43,7 @@ import time
 import zlib
 from typing import Iterator
 
-from .records import KIND_MD, KIND_TRADES, WIRE
+from .records import KIND_MD, KIND_SNAPSHOT, KIND_TRADES, WIRE
 
 MAGIC = b"MDL\x01"
 HEADER = struct.Struct("<4sBBHI")
@@ -94,6 +94,8 @@ class FrameSender:
         self._ntrades = 0
         self._md = bytearray()
         self._nmd = 0
+        self._snap = bytearray()
+        self._nsnap = 0
         self._max_trades = MAX_RECORDS[KIND_TRADES]
         self._max_md = MAX_RECORDS[KIND_MD]
         # monotonic time by which the oldest unsealed record must be sent
@@ -111,6 +113,8 @@ class FrameSender:
 
     # -- building batches -------------------------------------------------
     def add_trade(self, record: bytes) -> None:
+        if self._nsnap:
+            self._seal_snapshot()  # live and snapshot trades reach the writer in order
         if self.seal_at == math.inf:
             self.seal_at = time.monotonic() + self.batch_delay
         self._trades += record
@@ -128,17 +132,36 @@ class FrameSender:
         if self._nmd >= self._max_md:
             self._seal_md()
 
+    def add_snapshot(self, record: bytes) -> None:
+        if self._ntrades:
+            self._seal_trades()
+        if self.seal_at == math.inf:
+            self.seal_at = time.monotonic() + self.batch_delay
+        self._snap += record
+        self._nsnap += 1
+        self.trades_added += 1
+        if self._nsnap >= self._max_trades:
+            self._seal_snapshot()
+
     def add(self, kind: int, record: bytes) -> None:
-        (self.add_trade if kind == KIND_TRADES else self.add_md)(record)
+        {KIND_TRADES: self.add_trade, KIND_MD: self.add_md, KIND_SNAPSHOT: self.add_snapshot}[kind](record)
 
     def has_partial(self) -> bool:
-        return bool(self._ntrades or self._nmd)
+        return bool(self._ntrades or self._nmd or self._nsnap)
 
     def seal(self) -> None:
+        if self._nsnap:
+            self._seal_snapshot()
         if self._ntrades:
             self._seal_trades()
         if self._nmd:
             self._seal_md()
+
+    def _seal_snapshot(self) -> None:
+        records, count = bytes(self._snap), self._nsnap
+        self._snap = bytearray()
+        self._nsnap = 0
+        self._queue(KIND_SNAPSHOT, records, count)
 
     def _seal_trades(self) -> None:
         records, count = bytes(self._trades), self._ntrades
@@ -153,7 +176,7 @@ class FrameSender:
         self._queue(KIND_MD, records, count)
 
     def _queue(self, kind: int, records: bytes, count: int) -> None:
-        if not (self._ntrades or self._nmd):
+        if not (self._ntrades or self._nmd or self._nsnap):
             self.seal_at = math.inf
         frame = encode_frame(kind, self.exchange, records)
         if self.buffered_bytes + len(frame) > self.max_buffer_bytes:

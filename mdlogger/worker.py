@@ -146,6 +146,7 @@ class WorkerSink(Sink):
         self._md_pack = rec.MD_WIRE.pack
         self._trade_pack = rec.TRADE_WIRE.pack
         self._add_md = sender.add_md
+        self._add_snapshot = sender.add_snapshot
         self.raw_trade = sender.add_trade
 
     @property
@@ -156,8 +157,10 @@ class WorkerSink(Sink):
     def md(self) -> int:
         return self.sender.md_added
 
-    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID):
-        self.raw_trade(self._trade_pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker))
+    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID,
+              snapshot=False):
+        record = self._trade_pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker)
+        (self._add_snapshot if snapshot else self.raw_trade)(record)
 
     def ticker(self, symbol, sec, nanos, price, volume, side, bid, ask):
         self._add_md(self._md_pack(symbol, sec, nanos, price, volume, side, bid, ask))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import selectors
 import signal
@@ -34,14 +35,26 @@ from . import records as rec
 from .logs import configure_child
 from .settings import Settings
 from .stats import WRITER_FIELDS, Block
-from .storage import TableFiles, TableKey, pack_column, repair_all
+from .storage import TableFiles, TableKey, last_trades, pack_column, repair_all
 from .transport import FrameReader
 
 log = logging.getLogger("mdlogger.writer")
 
 MAX_OPEN_TABLES = 256
+MARK_TAIL_ROWS = 256  # rows read from the end of a day's trades to recover the mark
 REPAIR_DAYS_BACK = 3
 EXIT_OK = 0
+
+
+_BY_ID = operator.itemgetter(1)
+_BY_TIME = operator.itemgetter(2, 3)
+
+
+def _newer(row: tuple, mark: list) -> bool:
+    """A trade row (symbol, id, sec, nanos, ...) is newer than the mark: by id when both have one."""
+    if row[1] and mark[0]:
+        return row[1] > mark[0]
+    return (row[2], row[3]) > (mark[1], mark[2])
 
 
 def writer_main(settings: Settings, control: socket.socket, stats_array, log_conn, log_level: int) -> None:
@@ -73,6 +86,7 @@ class Writer:
         self.max_pending = max(settings.logger.worker_buffer_bytes, 4 * self.buffer_size)
         self.files: OrderedDict[TableKey, TableFiles] = OrderedDict()
         self.readers: dict[int, FrameReader] = {}  # slot -> reader
+        self.marks: dict[tuple[str, str], list] = {}  # (exchange, symbol) -> [id, sec, nanos]
         self.selector = selectors.DefaultSelector()
         self.last_flush = time.monotonic()
         self.last_fsync = time.monotonic()
@@ -191,19 +205,23 @@ class Writer:
         day_string = rec.day_string
         groups: dict[tuple, list] = {}
         for row in wire.iter_unpack(records):
-            sym = row[0]
-            t = row[tindex]
-            gk = (sym, t // 86400)
+            gk = (row[0], row[tindex] // 86400)
             bucket = groups.get(gk)
             if bucket is None:
                 bucket = groups[gk] = []
             bucket.append(row)
+        table_kind = rec.KIND_MD if kind == rec.KIND_MD else rec.KIND_TRADES
         for (sym, day_no), rows in groups.items():
             symbol = sym.rstrip(b"\0")
             if not rec.valid_symbol_bytes(symbol):
                 self.stats.add("refused_records", len(rows))
                 continue
-            key = TableKey(exchange, symbol.decode("ascii"), kind, day_string(day_no * 86400))
+            name = symbol.decode("ascii")
+            if table_kind == rec.KIND_TRADES:
+                rows = self._apply_mark(exchange, name, rows, kind == rec.KIND_SNAPSHOT)
+                if not rows:
+                    continue
+            key = TableKey(exchange, name, table_kind, day_string(day_no * 86400))
             pending = self.pending.get(key)
             if pending is None:
                 pending = self.pending[key] = []
@@ -214,6 +232,43 @@ class Writer:
             self.pending_total += added
             if self.pending_bytes[key] >= self.buffer_size:
                 self.flush_table(key)
+
+    # -- the last stored trade per symbol ---------------------------------------
+    def _apply_mark(self, exchange: str, symbol: str, rows: list, snapshot: bool) -> list:
+        """Keep snapshot trades newer than the symbol's last stored trade; move the mark.
+
+        The mark is ``[id, sec, nanos]`` of the newest trade stored (or
+        pending) for the symbol, recovered from the files the first time the
+        symbol is seen, so it survives worker and writer restarts.
+        """
+        mark = self.marks.get((exchange, symbol))
+        if mark is None:
+            mark = self.marks[(exchange, symbol)] = self._mark_from_disk(exchange, symbol)
+        if snapshot:
+            kept = [r for r in rows if _newer(r, mark)]
+            if len(kept) != len(rows):
+                self.stats.add("duplicates", len(rows) - len(kept))
+            rows = kept
+        if rows:
+            top_id = max(rows, key=_BY_ID)[1]
+            newest = max(rows, key=_BY_TIME)
+            if top_id > mark[0]:
+                mark[0] = top_id
+            if (newest[2], newest[3]) > (mark[1], mark[2]):
+                mark[1], mark[2] = newest[2], newest[3]
+        return rows
+
+    def _mark_from_disk(self, exchange: str, symbol: str) -> list:
+        today = int(self.clock()) // 86400
+        mark = [0, 0, 0]
+        for d in (-1, 0, 1):
+            key = TableKey(exchange, symbol, rec.KIND_TRADES, rec.day_string((today + d) * 86400))
+            last = last_trades(self.data_path, key, MARK_TAIL_ROWS)
+            for tid, sec, nanos in last:
+                mark[0] = max(mark[0], tid)
+                if (sec, nanos) > (mark[1], mark[2]):
+                    mark[1], mark[2] = sec, nanos
+        return mark
 
     # -- files --------------------------------------------------------------
     def _table(self, key: TableKey) -> TableFiles:

@@ -78,3 +78,17 @@ def test_split_frame_waits_for_the_rest():
     rows = read_all(reader)
     assert len(rows) == 1 and rows[0][2][0].rstrip(b"\0") == b"ETH-USDT"
     assert reader.corrupt_bytes == 0
+
+
+def test_snapshot_and_live_trades_keep_their_order():
+    """A live batch never overtakes snapshot trades added before it (and vice versa)."""
+    r, w = os.pipe()
+    sender = FrameSender(w, 1, 1 << 20)
+    sender.add_snapshot(trade(1))
+    sender.add_snapshot(trade(2))
+    sender.add_trade(trade(3))  # seals the snapshot batch first
+    sender.add_snapshot(trade(4))  # seals the live batch first
+    sender.seal()
+    rows = read_all(FrameReader(r))
+    assert [(kind, row[1]) for kind, _, row in rows] == [
+        (rec.KIND_SNAPSHOT, 1), (rec.KIND_SNAPSHOT, 2), (rec.KIND_TRADES, 3), (rec.KIND_SNAPSHOT, 4)]

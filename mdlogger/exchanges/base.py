@@ -70,7 +70,9 @@ class Sink:
     raw_trade = None
 
     def trade(self, symbol: bytes, trade_id: int, sec: int, nanos: int, price: float, size: float,
-              side: int, maker: bytes = rec.ZERO_ID, taker: bytes = rec.ZERO_ID) -> None:
+              side: int, maker: bytes = rec.ZERO_ID, taker: bytes = rec.ZERO_ID, snapshot: bool = False) -> None:
+        """One trade. ``snapshot``: replayed history sent on subscribe, oldest first;
+        stored only when newer than the last stored trade of the symbol."""
         raise NotImplementedError
 
     def ticker(self, symbol: bytes, sec: int, nanos: int, price: float, volume: float, side: int,

@@ -1,0 +1,108 @@
+"""The writer in-process: demultiplexing, day files, snapshot marks that survive restarts."""
+
+from __future__ import annotations
+
+from mdlogger import records as rec
+from mdlogger.reader import read_rows
+from mdlogger.settings import load_settings
+from mdlogger.stats import WRITER_FIELDS, Block
+from mdlogger.transport import encode_frame
+from mdlogger.writer import Writer
+
+DAY = 1795478400  # 2026-11-24T00:00:00Z
+
+
+def make_writer(tmp_path, clock=lambda: DAY + 3600):
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True},
+                             check_resources=False)
+    return Writer(settings, Block(WRITER_FIELDS), clock=clock)
+
+
+def trade(sym, tid, sec, nanos=0, price=1.0):
+    return rec.TRADE_WIRE.pack(sym, tid, sec, nanos, price, 1.0, 1, rec.ZERO_ID, rec.ZERO_ID)
+
+
+def feed(writer, kind, records, exchange="coinbase"):
+    writer.take_frame(kind, rec.EXCHANGE_CODES[exchange], b"".join(records))
+
+
+def ids(tmp_path, sym="BTC-USD", exchange="coinbase", day="24.11.26"):
+    return [r[0] for r in read_rows(str(tmp_path), exchange, sym, "TRADES", day)]
+
+
+def test_rows_go_to_the_day_of_their_own_time(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 1, DAY - 1, 999999999), trade(b"BTC-USD", 2, DAY), trade(b"ETH-USD", 3, DAY + 5)])
+    w.flush_all()
+    assert ids(tmp_path, day="23.11.26") == [1]
+    assert ids(tmp_path) == [2]
+    assert ids(tmp_path, "ETH-USD") == [3]
+    assert w.stats.get("rows") == 3
+
+
+def test_invalid_symbols_never_reach_a_path(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"../../x", 1, DAY), trade(b"btc-usd", 2, DAY), trade(b"", 3, DAY)])
+    w.flush_all()
+    assert w.stats.get("refused_records") == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_snapshot_trades_only_when_newer_by_id(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY + i) for i in (10, 11, 12)])
+    feed(w, rec.KIND_SNAPSHOT, [trade(b"BTC-USD", i, DAY + i) for i in (8, 9, 10, 11, 12, 13, 14)])
+    w.flush_all()
+    assert ids(tmp_path) == [10, 11, 12, 13, 14]
+    assert w.stats.get("duplicates") == 5
+
+
+def test_snapshot_without_ids_uses_time(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 0, DAY + 100, 5)], "kraken")
+    feed(w, rec.KIND_SNAPSHOT, [trade(b"BTC-USD", 0, DAY + 100, 5), trade(b"BTC-USD", 0, DAY + 100, 6)], "kraken")
+    w.flush_all()
+    rows = read_rows(str(tmp_path), "kraken", "BTC-USD", "TRADES", "24.11.26")
+    assert [(r[1], r[2]) for r in rows] == [(DAY + 100, 5), (DAY + 100, 6)]
+
+
+def test_the_mark_survives_a_writer_restart(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY + i) for i in range(100, 120)])
+    w.flush_all()
+    w.drain_and_close()
+    again = make_writer(tmp_path)  # a new writer process: nothing in memory
+    feed(again, rec.KIND_SNAPSHOT, [trade(b"BTC-USD", i, DAY + i) for i in range(110, 125)])
+    again.flush_all()
+    assert ids(tmp_path) == list(range(100, 125))
+
+
+def test_live_trades_are_never_filtered(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 0, DAY + 1)] * 3, "kraken")  # same time, no ids: all kept
+    w.flush_all()
+    assert len(read_rows(str(tmp_path), "kraken", "BTC-USD", "TRADES", "24.11.26")) == 3
+
+
+def test_big_tables_flush_at_buffer_size(tmp_path):
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True,
+                                        "logger.buffer_size": 6000}, check_resources=False)
+    w = Writer(settings, Block(WRITER_FIELDS), clock=lambda: DAY)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY) for i in range(48)])
+    assert w.stats.get("rows") == 0
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY) for i in range(48, 96)])
+    assert w.stats.get("rows") == 96  # 96 * 84 bytes >= buffer_size: written without waiting for the interval
+
+
+def test_frames_through_a_pipe(tmp_path):
+    import os
+
+    w = make_writer(tmp_path)
+    r, wfd = os.pipe()
+    w.add_slot(0, r)
+    os.write(wfd, encode_frame(rec.KIND_TRADES, rec.EXCHANGE_CODES["coinbase"], trade(b"BTC-USD", 7, DAY)))
+    w._read_slot(0)
+    w.flush_all()
+    assert ids(tmp_path) == [7]
+    w.remove_slot(0)
+    assert w.readers == {}
