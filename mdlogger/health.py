@@ -43,6 +43,7 @@ def shard_health(entry: dict, now: float, stall: float) -> dict:
         "parse_errors": int(s["parse_errors"]),
         "parse_errors_by_reason": stats.reasons(),
         "dropped_records": int(s["dropped_records"]),
+        "refused_symbols": [x for x in entry["note"].get().split(",") if x],
     }
 
 
@@ -79,8 +80,14 @@ def health_document(supervisor) -> tuple[int, dict]:
     for name, status in view["exchanges"].items():
         mine = [s for s in shards if s["exchange"] == name]
         ok = any(s["state"] == "running" and s["receiving"] for s in mine)
+        reasons: dict[str, int] = {}
+        for s in mine:
+            for reason, n in s["parse_errors_by_reason"].items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        refused = sorted({x for s in mine for x in s["refused_symbols"]})
         exchanges[name] = dict(status, healthy=ok, shards=len(mine),
-                               shards_receiving=sum(1 for s in mine if s["receiving"]))
+                               shards_receiving=sum(1 for s in mine if s["receiving"]),
+                               refused_by_reason=reasons, refused_by_exchange=refused)
         healthy = healthy and ok
     doc = {
         "status": "ok" if healthy else "degraded",

@@ -129,3 +129,29 @@ class Block:
         fields, array = state
         self._index = {name: i for i, name in enumerate(fields)}
         self._array = array
+
+
+NOTE_BYTES = 2048
+
+
+class Note:
+    """A short shared text (one writer), e.g. the symbols an exchange refused."""
+
+    def __init__(self, array=None):
+        self._array = array if array is not None else bytearray(NOTE_BYTES)
+
+    @classmethod
+    def shared(cls, ctx) -> "Note":
+        return cls(ctx.RawArray("c", NOTE_BYTES))
+
+    @property
+    def array(self):
+        return self._array
+
+    def set(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")[: NOTE_BYTES - 1]
+        self._array[: len(data) + 1] = data + b"\0"
+
+    def get(self) -> str:
+        raw = bytes(self._array[:])
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

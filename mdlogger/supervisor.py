@@ -52,7 +52,7 @@ from .exchanges.base import SymbolInfo, resolve_symbols, split_shards
 from .logs import LogReceiver
 from .rest import RestClient, RestError
 from .settings import Settings
-from .stats import WORKER_FIELDS, WRITER_FIELDS, Block
+from .stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
 from .worker import EXIT_FATAL, WorkerSpec, worker_main
 from .writer import writer_main
 
@@ -139,6 +139,7 @@ class Slot:
     stats: Block
     pipe_r: multiprocessing.connection.Connection
     pipe_w: multiprocessing.connection.Connection
+    note: Note  # symbols the exchange refused on this shard
     process: multiprocessing.process.BaseProcess | None = None
     killed_for: str = ""
 
@@ -347,6 +348,7 @@ class Supervisor:
             stats=Block.shared(self.ctx, WORKER_FIELDS),
             pipe_r=multiprocessing.connection.Connection(r, writable=False),
             pipe_w=multiprocessing.connection.Connection(w, readable=False),
+            note=Note.shared(self.ctx),
         )
         self.slots[slot.id] = slot
         self._next_slot += 1
@@ -369,7 +371,8 @@ class Supervisor:
         process = self.ctx.Process(
             target=worker_main,
             name="worker-" + slot.spec.label,
-            args=(slot.spec, self.settings, slot.pipe_w, slot.stats.array, self.log_conn, self.log_level),
+            args=(slot.spec, self.settings, slot.pipe_w, slot.stats.array, slot.note.array, self.log_conn,
+                  self.log_level),
             daemon=False,
         )
         process.start()
@@ -514,6 +517,7 @@ class Supervisor:
                 "restarts": s.machine.restarts,
                 "reason": s.machine.reason,
                 "stats": s.stats,
+                "note": s.note,
             }
             for s in self.slots.values()
         )

@@ -40,7 +40,7 @@ from .exchanges import adapter_for
 from .exchanges.base import Pause, Reconnect, Refused, Sink, SymbolInfo
 from .logs import configure_child
 from .settings import Settings
-from .stats import DROP_REASONS, WORKER_FIELDS, Block
+from .stats import DROP_REASONS, WORKER_FIELDS, Block, Note
 from .transport import FrameSender
 
 log = logging.getLogger("mdlogger.worker")
@@ -138,10 +138,12 @@ class SendLimiter:
 class WorkerSink(Sink):
     """Packs parsed records into the sender and counts what was refused."""
 
-    def __init__(self, sender: FrameSender, stats: Block, label: str):
+    def __init__(self, sender: FrameSender, stats: Block, label: str, note: Note | None = None):
         self.sender = sender
         self.stats = stats
         self.label = label
+        self.note = note or Note()
+        self.refused_symbols: set[str] = set()
         self._logged_reasons: set[str] = set()
         self._md_pack = rec.MD_WIRE.pack
         self._trade_pack = rec.TRADE_WIRE.pack
@@ -177,8 +179,11 @@ class WorkerSink(Sink):
 
     def exchange_error(self, text: str, symbol: str | None = None) -> None:
         self.stats.add("drop_exchange_error")
-        if symbol:
-            self.stats.add("refused_symbols")
+        self.stats.add("parse_errors")
+        if symbol and symbol not in self.refused_symbols:
+            self.refused_symbols.add(symbol)
+            self.stats.set("refused_symbols", len(self.refused_symbols))
+            self.note.set(",".join(sorted(self.refused_symbols)))
         log.error("%s: the exchange says: %s", self.label, text)
 
 
@@ -190,7 +195,7 @@ def _sample(value) -> str:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, settings: Settings, data_fd: int, stats: Block):
+    def __init__(self, spec: WorkerSpec, settings: Settings, data_fd: int, stats: Block, note: Note | None = None):
         self.spec = spec
         self.settings = settings
         self.xsettings = settings.exchange(spec.exchange)
@@ -198,7 +203,7 @@ class Worker:
         self.stats = stats
         self.sender = FrameSender(data_fd, rec.EXCHANGE_CODES[spec.exchange], settings.logger.worker_buffer_bytes,
                                   settings.logger.batch_max_delay_ms / 1000.0)
-        self.sink = WorkerSink(self.sender, stats, spec.label)
+        self.sink = WorkerSink(self.sender, stats, spec.label, note)
         self.backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
         self.stop_requested = False
         self.parent = os.getppid()
@@ -440,7 +445,8 @@ def _close_reason(data: bytes) -> str:
     return "no code"
 
 
-def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, log_conn, log_level: int) -> None:
+def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, note_array, log_conn,
+                log_level: int) -> None:
     """Entry point of a worker process; every input is an explicit argument.
 
     ``data_conn`` and ``log_conn`` are write-only ``multiprocessing`` connections
@@ -458,7 +464,7 @@ def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, lo
     try:
         for info in spec.symbols:
             rec.symbol_bytes(info.symbol)
-        worker = Worker(spec, settings, data_conn.fileno(), stats)
+        worker = Worker(spec, settings, data_conn.fileno(), stats, Note(note_array))
     except ValueError as exc:
         log.error("%s: cannot start: %s", spec.label, exc)
         os._exit(EXIT_FATAL)
