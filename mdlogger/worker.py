@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import ssl
+import struct
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -37,7 +38,7 @@ import websocket
 from . import records as rec
 from .backoff import Backoff
 from .exchanges import adapter_for
-from .exchanges.base import Pause, Reconnect, Refused, Sink, SymbolInfo
+from .exchanges.base import Pause, Reconnect, Refused, Rotate, Sink, SymbolInfo
 from .logs import configure_child
 from .settings import Settings
 from .stats import DROP_REASONS, WORKER_FIELDS, Block, Note
@@ -51,6 +52,8 @@ TICK_SECS = 0.25
 RATE_LOG_SECS = 60.0  # each worker logs its message rate this often
 RATE_WINDOW_SECS = 5.0  # the rate on /health is measured over this window
 SAMPLE_MAX = 300
+OVERLAP_SECS = 3.0  # both connections are read this long when one replaces the other
+OVERLAP_POLL_SECS = 0.01
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,24 @@ class WorkerSpec:
 
 class ConnectionLost(Exception):
     """The connection ended (closed, silent, or too old)."""
+
+
+class Link:
+    """One open WebSocket with its parsing session and send pacing."""
+
+    def __init__(self, ws, session, limiter: "SendLimiter"):
+        self.ws = ws
+        self.session = session
+        self.limiter = limiter
+        self.opened = time.monotonic()
+        self.fragments: list = []
+
+    def close(self) -> None:
+        try:
+            self.ws.close(timeout=0.5)
+        except (websocket.WebSocketException, OSError):
+            pass
+        self.ws.shutdown()
 
 
 class BufferedSocket:
@@ -187,6 +208,64 @@ class WorkerSink(Sink):
         log.error("%s: the exchange says: %s", self.label, text)
 
 
+class OverlapSink(Sink):
+    """A connection's sink while two connections overlap.
+
+    The old connection stays the source of truth (``hold=False``: its records
+    pass through and the newest trade per symbol is remembered). The new
+    connection's trades are held (``hold=True``); at the switch, only those
+    newer than what the old one delivered are forwarded, in order, so the
+    overlap neither duplicates nor loses a trade. Its tickers are dropped
+    (the old connection still delivers them).
+    """
+
+    def __init__(self, inner: WorkerSink, hold: bool):
+        self.inner = inner
+        self.hold = hold
+        self.held: list[bytes] = []
+        self.newest: dict[bytes, tuple[int, int, int]] = {}
+        self.raw_trade = self._raw
+
+    def _raw(self, record: bytes, snapshot: bool = False) -> None:
+        if self.hold:
+            self.held.append(record)
+            return
+        sym, tid, sec, nanos = _TRADE_HEAD.unpack_from(record)
+        self.newest[sym] = max(self.newest.get(sym, (0, 0, 0)), (tid, sec, nanos))
+        (self.inner._add_snapshot if snapshot else self.inner.raw_trade)(record)
+
+    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID,
+              snapshot=False):
+        self._raw(rec.TRADE_WIRE.pack(symbol, trade_id, sec, nanos, price, size, side, maker, taker), snapshot)
+
+    def ticker(self, *args):
+        if not self.hold:
+            self.inner.ticker(*args)
+
+    def refuse(self, reason, sample):
+        self.inner.refuse(reason, sample)
+
+    def exchange_error(self, text, symbol=None):
+        self.inner.exchange_error(text, symbol)
+
+    def release(self, newest: dict) -> tuple[int, int]:
+        """Forward held trades newer than ``newest`` per symbol; returns (forwarded, skipped)."""
+        sent = skipped = 0
+        for record in self.held:
+            sym, tid, sec, nanos = _TRADE_HEAD.unpack_from(record)
+            last = newest.get(sym)
+            if last is None or (tid > last[0] if tid and last[0] else (sec, nanos) > last[1:]):
+                self.inner.raw_trade(record)
+                sent += 1
+            else:
+                skipped += 1
+        self.held.clear()
+        return sent, skipped
+
+
+_TRADE_HEAD = struct.Struct("<%dsQII" % rec.SYMBOL_FIELD)
+
+
 def _sample(value) -> str:
     if isinstance(value, (bytes, bytearray)):
         value = bytes(value[:SAMPLE_MAX]).decode("utf-8", "replace")
@@ -278,32 +357,94 @@ class Worker:
             self.stats.add("reconnects")
 
     # -- one connection -------------------------------------------------------
-    def _connection(self) -> None:
+    def _open(self, sink: Sink) -> "Link":
+        """Connect and subscribe; the caller closes the link."""
         symbols = self.spec.symbols
         url = self.adapter.ws_url(symbols)
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
         log.debug("%s: connecting to %s", self.spec.label, url)
+        link = Link(ws, self.adapter.new_session(symbols, sink), SendLimiter(self.adapter.send_rate))
         try:
-            ws.connect(url, timeout=self.xsettings.connect_timeout_secs,
-                       suppress_origin=True)
+            ws.connect(url, timeout=self.xsettings.connect_timeout_secs, suppress_origin=True)
             ws.sock = BufferedSocket(ws.sock)
-            session = self.adapter.new_session(symbols, self.sink)
-            limiter = SendLimiter(self.adapter.send_rate)
-            opened = time.monotonic()
+            link.opened = time.monotonic()
             for message in self.adapter.subscribe_messages(symbols):
-                limiter.wait()
+                link.limiter.wait()
                 ws.send(message)
+        except BaseException:
+            link.close()
+            raise
+        log.info("%s: connected to %s, subscribed %d symbols", self.spec.label, url, len(symbols))
+        return link
+
+    def _connection(self) -> None:
+        link = self._open(self.sink)
+        try:
             self.stats.set("connected", 1)
             self.stats.set("connected_since", time.time())
             self.stats.set("last_message", time.time())
-            log.info("%s: connected to %s, subscribed %d symbols", self.spec.label, url, len(symbols))
-            self._receive(ws, session, limiter, opened)
+            while True:
+                try:
+                    self._receive(link.ws, link.session, link.limiter, link.opened)
+                    return
+                except Rotate as exc:
+                    link = self._rotate(link, exc)
         finally:
+            link.close()
+
+    def _rotate(self, old: "Link", why: Exception) -> "Link":
+        """Open the next connection before the old one goes, so coverage has no gap.
+
+        Both connections are read for up to OVERLAP_SECS (or until the old one
+        ends); see :class:`OverlapSink` for how trades are kept exactly once.
+        """
+        log.info("%s: %s: opening the next connection before this one closes", self.spec.label, why)
+        held = OverlapSink(self.sink, hold=True)
+        try:
+            new = self._open(held)
+        except (websocket.WebSocketException, OSError, ssl.SSLError) as exc:
+            log.warning("%s: could not open the next connection (%s); reconnecting plainly", self.spec.label, exc)
+            raise Reconnect(str(why)) from exc
+        passing = OverlapSink(self.sink, hold=False)
+        old.session.rebind(passing)
+        deadline = time.monotonic() + OVERLAP_SECS
+        old_alive = True
+        while old_alive and time.monotonic() < deadline and not self.stop_requested:
             try:
-                ws.close(timeout=0.5)
-            except (websocket.WebSocketException, OSError):
-                pass
-            ws.shutdown()
+                self._read_one(old)
+            except (ConnectionLost, Reconnect, websocket.WebSocketException, OSError) as exc:
+                log.info("%s: old connection ended during the overlap: %s", self.spec.label, exc)
+                old_alive = False
+            try:
+                self._read_one(new)
+            except (ConnectionLost, Reconnect, websocket.WebSocketException, OSError):
+                new.close()
+                raise
+            self._tick(time.monotonic())
+        old.close()
+        sent, skipped = held.release(passing.newest)
+        new.session.rebind(self.sink)
+        self.stats.add("reconnects")
+        log.info("%s: switched to the new connection (%d overlap trades kept, %d already had)",
+                 self.spec.label, sent, skipped)
+        return new
+
+    def _read_one(self, link: "Link") -> None:
+        """Read and handle at most one frame from a link (used only during an overlap)."""
+        ws = link.ws
+        ws.settimeout(OVERLAP_POLL_SECS)
+        try:
+            frame = ws.recv_frame()
+        except websocket.WebSocketTimeoutException:
+            return
+        if frame.opcode == websocket.ABNF.OPCODE_TEXT and frame.fin:
+            self.messages += 1
+            try:
+                link.session.on_message(frame.data, time.time_ns())
+            except Refused as exc:
+                self.sink.refuse(exc.reason, exc.detail or frame.data)
+        else:
+            self._other_frame(ws, frame, link.fragments, link.session, self.adapter.max_frame_bytes)
 
     def _receive(self, ws, session, limiter: SendLimiter, opened: float) -> None:
         """The hot loop: one iteration per frame, everything else once per tick."""
@@ -364,7 +505,7 @@ class Worker:
                     self.backoff.reset()
                     backoff_reset = True
                 if max_age and now - opened >= max_age:
-                    raise Reconnect("connection is %.1f h old" % ((now - opened) / 3600))
+                    raise Rotate("connection is %.1f h old" % ((now - opened) / 3600))
 
     def _other_frame(self, ws, frame, fragments: list, session, max_frame: int) -> None:
         """Control frames, binary frames and fragmented messages (rare)."""

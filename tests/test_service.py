@@ -270,3 +270,28 @@ def test_pongs_echo_and_client_stays_within_five_messages_per_second(running, fa
     time.sleep(2.5)
     assert fake.violations == []
     assert fake.pongs_matched() >= 2
+
+
+def test_server_shutdown_rotates_without_gap_or_duplicate(tmp_path):
+    """serverShutdown: the next connection opens before the old one closes; ids stay consecutive."""
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=100, ping_interval=1.0) as fake:
+        svc = service_for(tmp_path, fake)
+        try:
+            svc.wait_all_connected(2)
+            time.sleep(1.0)
+            fake.send_server_shutdown(close_after=1.5)
+            wait_for(lambda: all(s["reconnects"] == 1 and s["connected"] for s in svc.shards()), what="rotation")
+            time.sleep(1.0)
+            assert "switched to the new connection" in svc.log_text()
+            assert svc.stop() == 0
+        finally:
+            svc.ensure_dead()
+        sent = {}
+        for t in fake.sent_trades:
+            sent.setdefault(normalized(t["s"]), []).append(t["t"])
+        for sym in SYMBOLS:
+            got = [r[0] for r in read_rows(svc.data_path, "binance", sym, "TRADES", today())]
+            assert len(got) == len(set(got)), "duplicates in %s" % sym
+            assert got == sorted(got)
+            assert got == list(range(got[0], got[-1] + 1)), "gap in %s" % sym
+            assert set(got) <= set(sent[sym])

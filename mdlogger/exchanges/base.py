@@ -51,6 +51,10 @@ class Reconnect(Exception):
     """The exchange asked us to reconnect (shutdown notice, restart info)."""
 
 
+class Rotate(Reconnect):
+    """A planned reconnect with notice: open the next connection before this one goes."""
+
+
 class Pause(Exception):
     """The exchange is in maintenance: wait ``seconds`` before reconnecting."""
 
@@ -194,6 +198,10 @@ class Session:
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         raise NotImplementedError
+
+    def rebind(self, sink: Sink) -> None:
+        """Send records to another sink from now on (after a connection overlap)."""
+        self.sink = sink
 
     def keepalive(self, idle_secs: float) -> str | None:
         """A text to send when nothing was received for ``idle_secs`` (None: nothing)."""

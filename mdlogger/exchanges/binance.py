@@ -20,8 +20,8 @@ from .base import (
     MAX_PRICE,
     MAX_SIZE,
     Exchange,
-    Reconnect,
     Refused,
+    Rotate,
     Session,
     SymbolInfo,
     millis,
@@ -40,6 +40,10 @@ class BinanceSession(Session):
         super().__init__(adapter, symbols, sink)
         self._pack_trade = rec.TRADE_WIRE.pack
         self._add_trade = sink.raw_trade  # the sink's fast path, when it has one
+
+    def rebind(self, sink) -> None:
+        super().rebind(sink)
+        self._add_trade = sink.raw_trade
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         try:
@@ -61,7 +65,7 @@ class BinanceSession(Session):
         elif event == "24hrTicker":
             self._ticker(data)
         elif event == "serverShutdown":
-            raise Reconnect("serverShutdown announced")
+            raise Rotate("serverShutdown announced")
         else:
             raise Refused("unknown_type", payload[:200])
 

@@ -177,6 +177,11 @@ class FakeBinance(FakeExchange):
                 return
 
     def send_server_shutdown(self, close_after: float = 0.2) -> None:
-        self.push_raw(json.dumps({"stream": "!serverShutdown", "data": {"e": "serverShutdown", "E": now_ms()}}))
+        """Announce a shutdown on every open connection, then close those (not newer ones)."""
+        doomed = self.open_connections()
+        notice = json.dumps({"stream": "!serverShutdown", "data": {"e": "serverShutdown", "E": now_ms()}})
+        for conn in doomed:
+            self.send(conn, notice)
         time.sleep(close_after)
-        self.drop_all(abort=False)
+        for conn in doomed:
+            conn.close(1001, "server shutdown")
