@@ -97,9 +97,14 @@ class Service:
         url = "http://127.0.0.1:%d/health" % self.health_port()
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
-                return resp.status, json.loads(resp.read())
+                code, body = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            code, body = exc.code, exc.read()
+        try:
+            return code, json.loads(body)
+        except ValueError:
+            raise AssertionError("/health answered %d with non-JSON %r; service log:\n%s"
+                                 % (code, body[:500], self.log_text()[-3000:])) from None
 
     def wait_healthy(self, timeout: float = 30.0) -> dict:
         def ok():

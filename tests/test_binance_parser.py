@@ -1,6 +1,5 @@
 """The Binance adapter against real messages: the captures and the documented examples."""
 
-import math
 
 import orjson
 import pytest

@@ -14,7 +14,7 @@ import pytest
 
 from mdlogger.fakes.binance import FakeBinance
 
-from service import Service, binance_section, fast_logger, wait_for
+from service import wait_for
 from test_service import SYMBOLS, assert_tables_whole, service_for
 
 pytestmark = pytest.mark.slow

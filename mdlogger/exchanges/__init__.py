@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .base import Exchange
 from .binance import Binance
+from .okx import Okx
 
-ADAPTERS: dict[str, type[Exchange]] = {cls.name: cls for cls in (Binance,)}
+ADAPTERS: dict[str, type[Exchange]] = {cls.name: cls for cls in (Binance, Okx)}
 
 
 def adapter_for(settings) -> Exchange:

@@ -6,13 +6,18 @@ Run one on its own with ``python -m mdlogger.fakes binance --port 0``.
 
 from __future__ import annotations
 
+import importlib
+
+FAKES = {
+    "binance": ("binance", "FakeBinance"),
+    "okx": ("okx", "FakeOkx"),
+}
+
 
 def fake_class(exchange: str):
     """The fake server class for an exchange name."""
-    from .binance import FakeBinance
-
-    fakes = {"binance": FakeBinance}
     try:
-        return fakes[exchange]
+        module, cls = FAKES[exchange]
     except KeyError:
-        raise ValueError("no fake for exchange %r (have: %s)" % (exchange, ", ".join(sorted(fakes)))) from None
+        raise ValueError("no fake for exchange %r (have: %s)" % (exchange, ", ".join(sorted(FAKES)))) from None
+    return getattr(importlib.import_module("." + module, __name__), cls)

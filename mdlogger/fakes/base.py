@@ -66,6 +66,12 @@ class SymbolState:
 class FakeExchange(FakeServer):
     name = "fake"
     default_symbols: tuple[str, ...] = ("BTC-USDT", "ETH-USDT")
+    ws_path = ""  # what follows host:port in the exchange's ws_endpoint setting
+
+    @property
+    def ws_endpoint(self) -> str:
+        """The value for ``exchanges.<name>.ws_endpoint`` that points at this fake."""
+        return self.url_ws + self.ws_path
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
                  record: bool | None = None, max_client_msgs_per_sec: float | None = None):

@@ -170,6 +170,10 @@ class FakeServer:
             return
         self._stopping.set()
         try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        try:
             self._listener.close()
         except OSError:
             pass

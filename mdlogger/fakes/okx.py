@@ -1,0 +1,223 @@
+"""A loopback fake of OKX v5 public: REST instruments and the ``/ws/v5/public`` WebSocket.
+
+Speaks the real protocol (docs/exchange-protocols.md, OKX section):
+``{"op":"subscribe","args":[..]}`` acked per arg with ``{"event":"subscribe",..}``,
+error 60018 for an unknown channel or instId and 60012 for a request it cannot
+read; ``tickers`` every second and ``trades`` frames that sometimes carry 2-3
+trades at once (consecutive ``tradeId`` per instrument); the latest trade is
+pushed right after a ``trades`` subscribe; the TEXT ``ping`` is answered with
+the TEXT ``pong``; a connection that was sent nothing for ``idle_close_secs``
+and did not ping is closed with code 4004. Faults: :meth:`send_notice_64008`
+(service upgrade notice) and :meth:`send_error`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .base import FakeExchange, SymbolState, now_ms
+from .wsserver import WsConn
+
+PATH = "/ws/v5/public"
+INSTRUMENTS = "/api/v5/public/instruments"
+CHANNELS = {"trades": "trades", "tickers": "ticker"}
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_SUBSCRIBES_PER_HOUR = 480
+IDLE_REASON = "No data received in 30s."
+
+
+def fmt(x: float) -> str:
+    """A price or size as OKX writes it: plain decimal, no trailing zeros."""
+    text = "%.8f" % x
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+class FakeOkx(FakeExchange):
+    ws_path = PATH
+    name = "okx"
+    default_symbols = ("BTC-USDT", "ETH-USDT", "SOL-USDT", "ETH-BTC", "DOGE-USDT")
+
+    def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, idle_close_secs: float = 30.0,
+                 multi_trade_prob: float = 0.3, seed: int = 1, port: int = 0, record: bool | None = None,
+                 max_client_msgs_per_sec: float | None = None, ping_interval: float | None = None):
+        # ping_interval: accepted for the common command line; OKX never pings (the client does)
+        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
+        self.idle_close_secs = idle_close_secs
+        self.multi_trade_prob = multi_trade_prob
+        self.next_conn_id = 0xA4D3AE55
+
+    # -- REST ----------------------------------------------------------------------------
+    def rest_routes(self) -> dict:
+        return {INSTRUMENTS: self.instruments}
+
+    def instruments(self, query: dict):
+        if query.get("instType") != "SPOT":
+            return 200, {"code": "51000", "data": [], "msg": "Parameter instType error"}
+        data = [self._instrument_doc(s, "live") for s in self.symbols]
+        data.append(self._instrument_doc("OLD-USDT", "suspend"))
+        return 200, {"code": "0", "data": data, "msg": ""}
+
+    @staticmethod
+    def _instrument_doc(symbol: str, state: str) -> dict:
+        base, quote = symbol.split("-")
+        return {
+            "alias": "", "baseCcy": base, "category": "1", "ctMult": "", "ctType": "", "ctVal": "",
+            "ctValCcy": "", "expTime": "", "instId": symbol, "instType": "SPOT", "lever": "10",
+            "listTime": "1548133413000", "lotSz": "0.00000001", "maxIcebergSz": "9999999999",
+            "maxLmtSz": "9999999999", "maxMktSz": "1000000", "maxStopSz": "1000000",
+            "maxTriggerSz": "9999999999", "maxTwapSz": "9999999999", "minSz": "0.00001", "optType": "",
+            "quoteCcy": quote, "settleCcy": "", "state": state, "stk": "", "tickSz": "0.00000001", "uly": "",
+        }
+
+    # -- WebSocket -----------------------------------------------------------------------
+    def on_open(self, conn: WsConn) -> bool:
+        if conn.path != PATH:
+            conn.close(1008, "unknown path")
+            return False
+        self.next_conn_id += 1
+        conn.state.update(subs=set(), conn_id="%08x" % (self.next_conn_id & 0xFFFFFFFF), last_sent=conn.opened,
+                          last_ping=None, subscribes=0)
+        return True
+
+    def send(self, conn: WsConn, obj) -> bool:
+        ok = super().send(conn, obj)
+        if ok:
+            conn.state["last_sent"] = time.monotonic()
+        return ok
+
+    def on_client_message(self, conn: WsConn, payload: bytes) -> None:
+        if payload == b"ping":
+            conn.state["last_ping"] = time.monotonic()
+            self.send(conn, "pong")
+            return
+        if len(payload) > MAX_REQUEST_BYTES:
+            self.violations.append("subscribe request of %d bytes" % len(payload))
+            self._error(conn, "60012", "Invalid request: request too large")
+            return
+        try:
+            req = json.loads(payload)
+            op, args = req["op"], req["args"]
+        except (ValueError, KeyError, TypeError):
+            self._error(conn, "60012", "Invalid request: %s" % payload.decode("utf-8", "replace")[:200])
+            return
+        if op not in ("subscribe", "unsubscribe") or not isinstance(args, list):
+            self._error(conn, "60012", "Invalid request: %s" % payload.decode("utf-8", "replace")[:200])
+            return
+        if op == "subscribe":
+            conn.state["subscribes"] += 1
+            if conn.state["subscribes"] > MAX_SUBSCRIBES_PER_HOUR:
+                self.violations.append("more than %d subscribe requests" % MAX_SUBSCRIBES_PER_HOUR)
+                self._error(conn, "60014", "Requests too frequent.")
+                return
+        for arg in args:
+            self._one_arg(conn, op, arg)
+
+    def _one_arg(self, conn: WsConn, op: str, arg) -> None:
+        channel = arg.get("channel") if isinstance(arg, dict) else None
+        inst = arg.get("instId") if isinstance(arg, dict) else None
+        if channel not in CHANNELS or not isinstance(inst, str) or inst not in self.symbols:
+            self._error(conn, "60018", "Wrong URL or channel:%s,instId:%s doesn't exist. Please use the correct "
+                        "URL, channel and parameters referring to API document." % (channel, inst))
+            return
+        key = (CHANNELS[channel], inst)
+        fresh = key not in conn.state["subs"]
+        if op == "subscribe":
+            conn.state["subs"].add(key)
+        else:
+            conn.state["subs"].discard(key)
+        self.send(conn, {"event": op, "arg": {"channel": channel, "instId": inst}, "connId": conn.state["conn_id"]})
+        if op == "subscribe" and fresh and channel == "trades":
+            self.on_subscribed(conn, self.symbols[inst], "trades")
+
+    def on_subscribed(self, conn: WsConn, st: SymbolState, channel: str) -> None:
+        """OKX pushes the latest trade of an instrument right after a trades subscribe."""
+        if st.history:
+            self.send(conn, self._trades_frame(st, [st.history[-1]]))
+
+    def _error(self, conn: WsConn, code: str, msg: str) -> None:
+        doc = {"event": "error", "code": code, "msg": msg, "connId": conn.state.get("conn_id", "")}
+        self.errors_sent.append(doc)
+        self.send(conn, doc)
+
+    # -- events --------------------------------------------------------------------------
+    def make_trade(self, st: SymbolState, **fields) -> dict:
+        tid, px, qty, bought = st.step()
+        data = {"instId": st.symbol, "tradeId": str(tid), "px": fmt(px), "sz": fmt(qty),
+                "side": "buy" if bought else "sell", "ts": str(now_ms())}
+        data.update(fields)
+        return data
+
+    def make_ticker(self, st: SymbolState, **fields) -> dict:
+        px = st.price
+        data = {
+            "instType": "SPOT", "instId": st.symbol, "last": fmt(px), "lastSz": fmt(st.last_qty),
+            "askPx": fmt(px * 1.0001), "askSz": "1.5", "bidPx": fmt(px * 0.9999), "bidSz": "0.23",
+            "open24h": fmt(px), "high24h": fmt(px * 1.01), "low24h": fmt(px * 0.99), "sodUtc0": fmt(px),
+            "sodUtc8": fmt(px), "volCcy24h": fmt(px * 1000), "vol24h": "1000", "ts": str(now_ms()),
+        }
+        data.update(fields)
+        return data
+
+    @staticmethod
+    def _trades_frame(st: SymbolState, events: list) -> str:
+        return json.dumps({"arg": {"channel": "trades", "instId": st.symbol}, "data": events}, separators=(",", ":"))
+
+    def frame_trade(self, conn: WsConn, st: SymbolState, event) -> str | None:
+        """One frame for one trade (a dict) or several (a list)."""
+        if not self.wants(conn, st, "trades"):
+            return None
+        return self._trades_frame(st, event if isinstance(event, list) else [event])
+
+    def frame_ticker(self, conn: WsConn, st: SymbolState, event) -> str | None:
+        if not self.wants(conn, st, "ticker"):
+            return None
+        doc = {"arg": {"channel": "tickers", "instId": st.symbol}, "data": [event]}
+        return json.dumps(doc, separators=(",", ":"))
+
+    def push_trade(self, symbol: str, **fields):
+        """One trade, or in steady mode sometimes 2-3 in one frame; returns the last one sent."""
+        n = 1
+        if self.mode == "steady" and self.rng.random() < self.multi_trade_prob:
+            n = self.rng.choice((2, 3))
+        return self.push_trades(symbol, n, **fields)[-1]
+
+    def push_trades(self, symbol: str, n: int, **fields) -> list:
+        """``n`` consecutive trades of one instrument in a single frame."""
+        st = self.symbols[symbol]
+        with self.lock:
+            events = [self.make_trade(st, **fields) for _ in range(n)]
+            st.history.extend(events)
+            if self._deliver(st, events, self.frame_trade):
+                self.sent_counts[symbol] += n
+                if self.record:
+                    self.sent_trades.extend(events)
+        return events
+
+    def _firehose_blob(self, conn: WsConn, states) -> bytes:
+        conn.state["last_sent"] = time.monotonic() + 2.0  # the blob is resent for a while
+        return super()._firehose_blob(conn, states)
+
+    # -- keepalive and faults --------------------------------------------------------------
+    def on_clock(self, conn: WsConn, now: float) -> None:
+        last = max(conn.state.get("last_sent", conn.opened), conn.state.get("last_ping") or 0.0)
+        if now - last >= self.idle_close_secs:
+            conn.close(4004, IDLE_REASON)
+
+    def send_notice_64008(self, close_after: float | None = None) -> None:
+        """The service-upgrade notice on every open connection; optionally close them after a delay."""
+        doomed = self.open_connections()
+        notice = {"event": "notice", "code": "64008",
+                  "msg": "The connection will soon be closed for a service upgrade. Please reconnect."}
+        for conn in doomed:
+            self.errors_sent.append(notice)
+            self.send(conn, notice)
+        if close_after is not None:
+            time.sleep(close_after)
+            for conn in doomed:
+                conn.close(1001, "service upgrade")
+
+    def send_error(self, code: str = "60012", msg: str = "Invalid request: test") -> None:
+        """An ``{"event":"error",..}`` message on every open connection."""
+        for conn in self.open_connections():
+            self._error(conn, str(code), msg)
