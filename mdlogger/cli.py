@@ -176,12 +176,22 @@ def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: 
 @click.option("--health-port", type=int, default=8080, show_default=True)
 @click.option("--rate", type=float, default=5.0, show_default=True, help="Trades per second per symbol.")
 @click.option("--mode", type=click.Choice(["steady", "firehose"]), default="steady", show_default=True)
+@click.option("--exchanges", default=None, help="Comma-separated simulated exchanges (default: all).")
 @click.pass_context
-def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode: str) -> None:
+def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode: str, exchanges: str | None) -> None:
     """Run the service against built-in simulated exchanges on loopback."""
-    fake = start_fake("binance", mode=mode, rate=rate)
+    from .fakes import FAKES
+
+    names = [x.strip() for x in exchanges.split(",")] if exchanges else sorted(FAKES)
+    unknown = [x for x in names if x not in FAKES]
+    if unknown:
+        click.echo("mdlogger-supervisor demo: no simulated exchange named %s" % ", ".join(unknown), err=True)
+        sys.exit(EXIT_CONFIG)
+    fakes = {}
     try:
-        config = demo_config(fake.port, data_path, health_port)
+        for name in names:
+            fakes[name] = start_fake(name, mode=mode, rate=rate)
+        config = demo_config(fakes, data_path, health_port)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mdlogger-demo-", delete=False) as fh:
             yaml.safe_dump(config, fh)
             path = fh.name
@@ -189,25 +199,28 @@ def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode
             settings = load_settings(path, {}, None)
         except ConfigError as exc:
             _fail_config(exc)
-        click.echo("demo: fake binance on 127.0.0.1:%d, data in %s, health on http://127.0.0.1:%d/health"
-                   % (fake.port, os.path.abspath(data_path), health_port), err=True)
+        click.echo("demo: simulated %s on loopback; data in %s; try: curl -s 127.0.0.1:%d/health"
+                   % (", ".join(names), os.path.abspath(data_path), health_port), err=True)
         code = _run_supervisor(settings, ctx.obj["debug"])
     finally:
-        fake.stop()
+        for fake in fakes.values():
+            fake.stop()
     sys.exit(code)
 
 
-def demo_config(port: int, data_path: str, health_port: int, symbols=None) -> dict:
+def demo_config(fakes: dict, data_path: str, health_port: int) -> dict:
+    """A configuration pointing every exchange at its fake (the fakes' own symbols)."""
     return {
         "logger": {"data_path": data_path, "health_check_port": health_port, "flush_interval_secs": 1.0},
         "exchanges": {
-            "binance": {
+            name: {
                 "enabled": True,
-                "ws_endpoint": "ws://127.0.0.1:%d" % port,
-                "rest_endpoint": "http://127.0.0.1:%d" % port,
-                "symbols": list(symbols or []),
+                "ws_endpoint": fake.ws_endpoint,
+                "rest_endpoint": fake.rest_endpoint,
+                "symbols": [],
                 "symbols_per_connection": 3,
             }
+            for name, fake in fakes.items()
         },
     }
 
@@ -219,10 +232,12 @@ class FakeProcess:
         cmd = [sys.executable, "-m", "mdlogger.fakes", exchange, "--port", "0"] + args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().split()
-        if len(line) != 2 or line[0] != "READY":
+        if len(line) != 3 or line[0] != "READY":
             self.stop()
             raise RuntimeError("fake %s did not start (said %r)" % (exchange, line))
         self.port = int(line[1])
+        self.ws_endpoint = "ws://127.0.0.1:%d%s" % (self.port, "" if line[2] == "/" else line[2])
+        self.rest_endpoint = "http://127.0.0.1:%d" % self.port
 
     def stop(self) -> None:
         if self.proc.poll() is None:

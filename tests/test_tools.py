@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import yaml
 
 from mdlogger.fakes.binance import FakeBinance
@@ -90,3 +92,47 @@ def test_test_command_fails_when_unreachable(tmp_path, fake):
 def test_dump_unknown_table_day(tmp_path):
     proc = run("-m", "mdlogger", "dump", "binance", "BTC-USDT", "TRADES", "2026-01-01", "--data-path", str(tmp_path))
     assert proc.returncode == 1 and "no such column file" in proc.stderr
+
+
+def test_demo_runs_every_simulated_exchange(tmp_path):
+    """The README's first command: the service on the built-in fakes, files appear, /health answers."""
+    import re
+    import signal
+    import time
+
+    from service import wait_for
+
+    from mdlogger.fakes import FAKES
+
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mdlogger", "demo", "--health-port", "0", "--rate", "20",
+                                 "--data-path", str(tmp_path / "demo-data")], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+    try:
+        port = int(wait_for(lambda: re.search(r"health on http://[\d.]+:(\d+)/health", log.read_text()),
+                            timeout=30, what="health server").group(1))
+
+        def healthy():
+            import json
+            import urllib.error
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=5) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError:
+                return None
+
+        doc = wait_for(healthy, timeout=60, what="HTTP 200")
+        assert sorted(doc["exchanges"]) == sorted(FAKES)
+        wait_for(lambda: all((tmp_path / "demo-data" / x).is_dir() for x in FAKES), timeout=30, what="files of every exchange")
+        time.sleep(1.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for exchange in FAKES:
+        assert list((tmp_path / "demo-data" / exchange).glob("*/TRADES/price.*.bin")), exchange
