@@ -69,8 +69,7 @@ class Service:
         self.log_path = os.path.join(str(tmp_path), "service.log")
         self.data_path = config["logger"]["data_path"]
         self._log = open(self.log_path, "w")
-        full_env = dict(os.environ)
-        full_env.pop("NOTIFY_SOCKET", None)
+        full_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET" and not k.startswith("LOGGER_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mdlogger", "--config", self.config_path, "run", *args],

@@ -168,3 +168,39 @@ def test_full_disk_is_counted_rolled_back_and_recovered(tmp_path, small_disk):
             assert_tables_whole(svc.data_path)
         finally:
             svc.ensure_dead()
+
+
+def test_systemd_readiness_and_watchdog_notifications(tmp_path):
+    """Type=notify: READY=1 once every shard runs, WATCHDOG=1 from the main loop, STOPPING=1 at the end."""
+    import socket
+
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    messages = []
+
+    def drain():
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                return
+
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=5, ping_interval=1.0) as fake:
+        from service import Service, binance_section, fast_logger
+
+        config = {"logger": fast_logger(str(tmp_path / "data")),
+                  "exchanges": {"binance": binance_section(fake.port, SYMBOLS, symbols_per_connection=2)}}
+        svc = Service(tmp_path, config, env={"NOTIFY_SOCKET": sock_path})
+        try:
+            svc.wait_all_connected(2)
+            wait_for(lambda: drain() or any(m.startswith("READY=1") for m in messages), what="READY=1")
+            ready_at = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+            assert any(m == "WATCHDOG=1" for m in messages[ready_at:])
+            assert svc.stop() == 0
+            drain()
+            assert "STOPPING=1" in messages
+        finally:
+            svc.ensure_dead()
+            sock.close()
