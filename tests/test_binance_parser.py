@@ -21,8 +21,8 @@ class ListSink(base.Sink):
     def __init__(self):
         self.trades, self.tickers, self.errors = [], [], []
 
-    def trade(self, *args):
-        self.trades.append(args)
+    def trade(self, *args, snapshot=False):
+        self.trades.append(args + (True,) if snapshot else args)
 
     def ticker(self, *args):
         self.tickers.append(args)
@@ -145,11 +145,14 @@ def test_server_shutdown_asks_for_reconnect(adapter):
 
 
 class FakeRest:
-    def __init__(self, body):
+    """Answers an adapter's one REST call with a recorded body."""
+
+    def __init__(self, body, path="/api/v3/exchangeInfo"):
         self.body = body
+        self.path = path
 
     def get_json(self, url, params=None):
-        assert url.endswith("/api/v3/exchangeInfo")
+        assert url.endswith(self.path), url
         return orjson.loads(self.body)
 
 

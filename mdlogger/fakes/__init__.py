@@ -10,6 +10,7 @@ import importlib
 
 FAKES = {
     "binance": ("binance", "FakeBinance"),
+    "coinbase": ("coinbase", "FakeCoinbase"),
     "okx": ("okx", "FakeOkx"),
 }
 
