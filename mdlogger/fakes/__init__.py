@@ -11,6 +11,7 @@ import importlib
 FAKES = {
     "binance": ("binance", "FakeBinance"),
     "coinbase": ("coinbase", "FakeCoinbase"),
+    "kraken": ("kraken", "FakeKraken"),
     "okx": ("okx", "FakeOkx"),
 }
 
