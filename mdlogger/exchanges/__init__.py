@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .base import Exchange
 from .binance import Binance
+from .bitfinex import Bitfinex
 from .coinbase import Coinbase
 from .kraken import Kraken
 from .okx import Okx
 
-ADAPTERS: dict[str, type[Exchange]] = {cls.name: cls for cls in (Coinbase, Binance, Kraken, Okx)}
+ADAPTERS: dict[str, type[Exchange]] = {cls.name: cls for cls in (Coinbase, Binance, Bitfinex, Kraken, Okx)}
 
 
 def adapter_for(settings) -> Exchange:

@@ -10,6 +10,7 @@ import importlib
 
 FAKES = {
     "binance": ("binance", "FakeBinance"),
+    "bitfinex": ("bitfinex", "FakeBitfinex"),
     "coinbase": ("coinbase", "FakeCoinbase"),
     "kraken": ("kraken", "FakeKraken"),
     "okx": ("okx", "FakeOkx"),

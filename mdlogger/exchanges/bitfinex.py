@@ -1,0 +1,202 @@
+"""Bitfinex WebSocket v2 (public): ``ticker`` and ``trades``, one subscription per channel per symbol.
+
+Facts this module encodes (docs/exchange-protocols.md, Bitfinex section):
+data frames carry only a ``chanId``, so each connection keeps the map from
+the ``subscribed`` acks; at most 25 channels per connection; ``[CHAN,"hb"]``
+heartbeats after 15 s of channel silence; a trade arrives as ``te`` then
+``tu`` (stored once); the trades snapshot on subscribe comes newest first;
+side is the sign of AMOUNT and size its absolute value; the ticker's VOLUME is
+daily (so the MD volume is NaN) and it carries no time; frames may carry
+extra trailing elements (sequence numbers with conf flags), so lengths are
+never hard-coded; info 20051 asks for a reconnect, 20060/20061 bracket a
+maintenance. Pairs: ``tBTCUSD``, or with a colon when a code is longer
+(``tTESTBTC:TESTUSD``); UST means USDT and BCHN means BCH.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import orjson
+
+from .. import records as rec
+from .base import (
+    Exchange,
+    Pause,
+    Reconnect,
+    Refused,
+    Session,
+    SymbolInfo,
+    millis,
+    optional_price,
+    price,
+    receive_time,
+    size,
+    trade_id,
+)
+
+ALIASES = {"UST": "USDT", "BCHN": "BCH"}
+MAINTENANCE_SECS = 120.0
+RECENT_IDS = 4096  # te ids remembered per connection, to store each trade once
+
+
+def split_pair(pair: str) -> tuple[str, str] | None:
+    if ":" in pair:
+        base, _, quote = pair.partition(":")
+    elif len(pair) == 6:
+        base, quote = pair[:3], pair[3:]
+    else:
+        return None
+    return ALIASES.get(base.upper(), base.upper()), ALIASES.get(quote.upper(), quote.upper())
+
+
+class BitfinexSession(Session):
+    def __init__(self, adapter, symbols, sink):
+        super().__init__(adapter, symbols, sink)
+        self.channels: dict[int, tuple[str, str]] = {}  # chanId -> (channel, exchange symbol)
+        self._recent: collections.deque = collections.deque(maxlen=RECENT_IDS)
+        self._recent_set: set[int] = set()
+
+    def on_message(self, payload: bytes, recv_ns: int) -> None:
+        try:
+            msg = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise Refused("json", payload[:200]) from None
+        if isinstance(msg, dict):
+            self._event(msg, payload)
+            return
+        if not isinstance(msg, list) or len(msg) < 2:
+            raise Refused("unknown_type", payload[:200])
+        entry = self.channels.get(msg[0]) if isinstance(msg[0], int) else None
+        if entry is None:
+            raise Refused("unknown_type", payload[:200])
+        if msg[1] == "hb":
+            return
+        channel, name = entry
+        if channel == "ticker":
+            self._ticker(name, msg[1], recv_ns)
+        elif channel == "trades":
+            self._trades(name, msg)
+        else:
+            raise Refused("unknown_type", payload[:200])
+
+    # -- data ---------------------------------------------------------------------------
+    def _ticker(self, name: str, t, recv_ns: int) -> None:
+        sym = self.symbol(name)
+        if not isinstance(t, list) or len(t) < 7:
+            raise Refused("missing_field", "ticker %r" % (t,))
+        px = price(t[6])
+        sec, nanos = receive_time(recv_ns)
+        self.sink.ticker(sym, sec, nanos, px, rec.NAN, rec.SIDE_UNKNOWN, optional_price(t[0]), optional_price(t[2]))
+
+    def _trades(self, name: str, msg: list) -> None:
+        sym = self.symbol(name)
+        if msg[1] in ("te", "tu"):
+            if len(msg) < 3:
+                raise Refused("missing_field", "trade update without data")
+            tid, sec, nanos, px, qty, side = self._trade_fields(msg[2])
+            if tid in self._recent_set:
+                return  # the tu of a te already stored
+            self._remember(tid)
+            self.sink.trade(sym, tid, sec, nanos, px, qty, side)
+            return
+        if not isinstance(msg[1], list):
+            raise Refused("unknown_type", repr(msg)[:200])
+        rows = [self._trade_fields(item) for item in msg[1]]
+        rows.sort(key=lambda r: (r[1], r[2], r[0]))  # newest first on the wire: store oldest first
+        for tid, sec, nanos, px, qty, side in rows:
+            self._remember(tid)
+            self.sink.trade(sym, tid, sec, nanos, px, qty, side, snapshot=True)
+
+    @staticmethod
+    def _trade_fields(item):
+        if not isinstance(item, list) or len(item) < 4:
+            raise Refused("missing_field", "trade %r" % (item,))
+        tid = trade_id(item[0])
+        sec, nanos = millis(item[1])
+        amount = item[2]
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount == 0:
+            raise Refused("bad_size", repr(amount))
+        qty = size(abs(amount))
+        return tid, sec, nanos, price(item[3]), qty, rec.SIDE_BUY if amount > 0 else rec.SIDE_SELL
+
+    def _remember(self, tid: int) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(tid)
+        self._recent_set.add(tid)
+
+    # -- events ---------------------------------------------------------------------------
+    def _event(self, msg: dict, payload: bytes) -> None:
+        event = msg.get("event")
+        if event == "subscribed":
+            chan, name = msg.get("chanId"), msg.get("symbol") or ("t" + str(msg.get("pair", "")))
+            if isinstance(chan, int):
+                self.channels[chan] = (str(msg.get("channel")), name)
+        elif event == "unsubscribed":
+            self.channels.pop(msg.get("chanId"), None)
+        elif event == "info":
+            self._info(msg)
+        elif event == "error":
+            name = msg.get("symbol") or msg.get("pair")
+            symbol = None
+            if isinstance(name, str):
+                try:
+                    symbol = self.adapter.normalize(name if name.startswith("t") else "t" + name)
+                except ValueError:
+                    symbol = None
+            self.sink.exchange_error("code %s: %s" % (msg.get("code"), msg.get("msg", "")), symbol=symbol)
+        elif event in ("pong", "conf"):
+            return
+        else:
+            raise Refused("unknown_type", payload[:200])
+
+    @staticmethod
+    def _info(msg: dict) -> None:
+        code = msg.get("code")
+        if code == 20051:
+            raise Reconnect("Bitfinex info 20051: server restarting")
+        if code == 20060:
+            raise Pause(MAINTENANCE_SECS, "Bitfinex info 20060: maintenance")
+        if code == 20061:
+            raise Reconnect("Bitfinex info 20061: maintenance over, resubscribing")
+
+
+class Bitfinex(Exchange):
+    name = "bitfinex"
+    channels = ("ticker", "trades")
+    max_channels_per_connection = 25
+    connect_rate = 20 / 60.0  # 20 connections per minute on api-pub
+    send_rate = 10.0  # undocumented per-connection limit: 25 subscribes then take 2.5 s
+    session_class = BitfinexSession
+
+    def discover(self, rest) -> list[SymbolInfo]:
+        doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/v2/conf/pub:list:pair:exchange")
+        pairs = doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], list) else []
+        out, seen = [], set()
+        for pair in pairs:
+            if not isinstance(pair, str):
+                continue
+            try:
+                symbol = self.normalize("t" + pair)
+            except ValueError:
+                continue
+            if symbol in seen:
+                continue  # BTCUST and a real BTCUSDT would collide: keep the first
+            seen.add(symbol)
+            base, quote = symbol.split("-")
+            out.append(SymbolInfo(symbol, "t" + pair, base, quote))
+        return out
+
+    def normalize(self, name: str) -> str:
+        if not name.startswith("t"):
+            raise ValueError("Bitfinex trading pairs start with t: %r" % (name,))
+        parts = split_pair(name[1:])
+        symbol = "%s-%s" % parts if parts else ""
+        if not rec.valid_symbol(symbol):
+            raise ValueError("cannot normalize Bitfinex pair %r" % (name,))
+        return symbol
+
+    def subscribe_messages(self, symbols) -> list[str]:
+        return [orjson.dumps({"event": "subscribe", "channel": channel, "symbol": s.exchange_name}).decode()
+                for s in symbols for channel in self.channels]
