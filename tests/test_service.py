@@ -295,3 +295,40 @@ def test_server_shutdown_rotates_without_gap_or_duplicate(tmp_path):
             assert got == sorted(got)
             assert got == list(range(got[0], got[-1] + 1)), "gap in %s" % sym
             assert set(got) <= set(sent[sym])
+
+
+def test_bad_input_is_counted_by_reason_and_never_stored(running, fake):
+    from mdlogger.fakes.wsserver import OP_BINARY, encode_frame
+
+    wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
+    fake.push_raw("{not json")
+    fake.push_raw('{"stream":"btcusdt@depth","data":{"e":"depthUpdate"}}')
+    fake.push_raw('{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT"}}')
+    for conn in fake.open_connections():
+        conn.send_frames(encode_frame(OP_BINARY, b"\x00\x01binary"))
+        conn.send_frames(encode_frame(1, b'{"pad":"' + b"x" * (1 << 20) + b'"}'))
+    fake.push_trade("BTC-USDT", p="NaN")
+    fake.push_trade("ETH-USDT", q="-1")
+    fake.push_trade("SOL-USDT", s="../../X")
+    fake.push_trade("BTC-USDT", T=1000)
+    fake.push_trade("BTC-USDT")  # one good trade after all that
+
+    def reasons():
+        out = {}
+        for s in running.shards():
+            for r, n in s["parse_errors_by_reason"].items():
+                out[r] = out.get(r, 0) + n
+        return out
+
+    want = {"json", "unknown_type", "missing_field", "binary", "oversized", "bad_price", "bad_size",
+            "unknown_symbol", "bad_time"}
+    wait_for(lambda: want <= set(reasons()), what="every reason counted")
+    doc = running.health()[1]
+    assert doc["exchanges"]["binance"]["refused_by_reason"]["oversized"] == 2  # one per connection
+    assert all(s["restarts"] == 0 and s["connected"] for s in doc["shards"])
+    wait_for(lambda: records_received(running) == 1, what="the good trade")
+    assert running.stop() == 0
+    assert len(read_rows(running.data_path, "binance", "BTC-USDT", "TRADES", today())) == 1
+    assert not os.path.exists(os.path.join(running.data_path, "X"))
+    log = running.log_text()
+    assert "first message refused as oversized" in log and "first message refused as json" in log
