@@ -244,6 +244,7 @@ class Supervisor:
         self._start_writer(time.monotonic())
         self.log_receiver = LogReceiver(self.log_r)
         self.log_receiver.start()
+        self._publish_view()  # /health must have a whole view to read from its first request
         self._start_health()
         for xs in self.settings.enabled_exchanges():
             DiscoveryThread(xs, self.discovered, self.wake, self.discovery_stop).start()

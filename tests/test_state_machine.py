@@ -75,3 +75,17 @@ def test_split_shards_within_limits():
     assert sorted(s.symbol for sh in shards for s in sh) == sorted(s.symbol for s in syms)
     shards, uncovered = split_shards(syms, per_connection=4, max_connections=3)
     assert len(shards) == 3 and sum(map(len, shards)) == 12 and len(uncovered) == 13
+
+
+def test_health_answers_json_before_the_first_loop(tmp_path):
+    """The view is published before the health server starts: no 500 at start-up."""
+    from mdlogger.health import build_app
+    from mdlogger.settings import load_settings
+    from mdlogger.supervisor import Supervisor
+
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True},
+                             check_resources=False)
+    sup = Supervisor(settings)
+    sup._publish_view()
+    resp = build_app(sup).test_client().get("/health")
+    assert resp.status_code == 503 and resp.get_json()["exchanges"]["binance"]["state"] == "discovering"
