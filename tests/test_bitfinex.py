@@ -10,31 +10,22 @@ import pytest
 import websocket
 
 from mdlogger import records as rec
-from mdlogger.exchanges import base
 from mdlogger.exchanges.base import Pause, Reconnect, Refused, SymbolInfo
-from mdlogger.exchanges.bitfinex import Bitfinex
 from mdlogger.fakes.bitfinex import FakeBitfinex
-from mdlogger.settings import load_settings
 
 from captures_util import received_frames, rest_body
+from conftest import make_adapter, normalized_session
 from test_binance_parser import FakeRest, ListSink
 
 
 @pytest.fixture
 def adapter():
-    settings = load_settings(None, {}, {"exchanges.bitfinex.enabled": True}, check_resources=False)
-    return Bitfinex(settings.exchange("bitfinex"))
-
-
-@pytest.fixture
-def old_times(monkeypatch):
-    monkeypatch.setattr(base, "MAX_PAST_SECS", 10 * 365 * 86400)
+    return make_adapter("bitfinex")
 
 
 def session(adapter, names):
-    syms = [SymbolInfo(adapter.normalize(n), n, *adapter.normalize(n).split("-")) for n in names]
     sink = ListSink()
-    return adapter.new_session(syms, sink), sink
+    return normalized_session(adapter, names, sink), sink
 
 
 @pytest.mark.parametrize("name,symbol", [("tBTCUSD", "BTC-USD"), ("tTESTBTC:TESTUSD", "TESTBTC-TESTUSD"),

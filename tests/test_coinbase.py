@@ -11,13 +11,11 @@ import pytest
 import websocket
 
 from mdlogger import records as rec
-from mdlogger.exchanges import base
 from mdlogger.exchanges.base import Refused, SymbolInfo
-from mdlogger.exchanges.coinbase import Coinbase
 from mdlogger.fakes.coinbase import FakeCoinbase
-from mdlogger.settings import load_settings
 
 from captures_util import received_frames, rest_body
+from conftest import make_adapter
 from test_binance_parser import FakeRest, ListSink
 
 REAL_TICKER = '{"type":"ticker","sequence":50978628538,"product_id":"BTC-USD","price":"17165.16","open_24h":"16437.94","volume_24h":"42492.05081975","low_24h":"16423.37","high_24h":"17259.37","volume_30d":"1093827.95195495","best_bid":"17165.15","best_bid_size":"0.61540890","best_ask":"17167.76","best_ask_size":"0.18528568","side":"sell","time":"2022-12-01T00:00:00.122581Z","trade_id":463751434,"last_size":"0.05"}'
@@ -25,13 +23,7 @@ REAL_TICKER = '{"type":"ticker","sequence":50978628538,"product_id":"BTC-USD","p
 
 @pytest.fixture
 def adapter():
-    settings = load_settings(None, {}, {"exchanges.coinbase.enabled": True}, check_resources=False)
-    return Coinbase(settings.exchange("coinbase"))
-
-
-@pytest.fixture
-def old_times(monkeypatch):
-    monkeypatch.setattr(base, "MAX_PAST_SECS", 10 * 365 * 86400)
+    return make_adapter("coinbase")
 
 
 def session(adapter, products):

@@ -10,31 +10,22 @@ import pytest
 import websocket
 
 from mdlogger import records as rec
-from mdlogger.exchanges import base
 from mdlogger.exchanges.base import Pause, Refused, SymbolInfo
-from mdlogger.exchanges.kraken import Kraken
 from mdlogger.fakes.kraken import FakeKraken
-from mdlogger.settings import load_settings
 
 from captures_util import received_frames, rest_body
+from conftest import make_adapter, normalized_session
 from test_binance_parser import FakeRest, ListSink
 
 
 @pytest.fixture
 def adapter():
-    settings = load_settings(None, {}, {"exchanges.kraken.enabled": True}, check_resources=False)
-    return Kraken(settings.exchange("kraken"))
+    return make_adapter("kraken")
 
 
-@pytest.fixture
-def old_times(monkeypatch):
-    monkeypatch.setattr(base, "MAX_PAST_SECS", 10 * 365 * 86400)
-
-
-def session(adapter, pairs):
-    syms = [SymbolInfo(adapter.normalize(p), p, *adapter.normalize(p).split("-")) for p in pairs]
+def session(adapter, names):
     sink = ListSink()
-    return adapter.new_session(syms, sink), sink
+    return normalized_session(adapter, names, sink), sink
 
 
 def pairs_in(frames):

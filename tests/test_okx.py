@@ -162,7 +162,8 @@ def test_keepalive_pings_once_until_something_arrives(adapter):
     assert session.keepalive(10) is None
     assert session.keepalive(25) == "ping"
     assert session.keepalive(26) is None and session.keepalive(29) is None
-    session.on_message(b"pong", 0)
+    session.on_message(b"pong", 0)  # liveness: the worker's idle time starts again from 0
+    assert session.keepalive(0.1) is None
     assert session.keepalive(25.5) == "ping"
     assert session.keepalive(1) is None  # something arrived (any frame counts)
     assert session.keepalive(25) == "ping"

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
+import orjson
+
 from .. import records as rec
 from ..settings import ExchangeSettings
 
@@ -164,6 +166,14 @@ def decimal_seconds(value) -> tuple[int, int]:
         raise Refused("bad_time", repr(value)) from None
 
 
+def loads(payload: bytes):
+    """Parse one frame's JSON; malformed text is refused as ``json``."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise Refused("json", payload[:200]) from None
+
+
 def receive_time(recv_ns: int) -> tuple[int, int]:
     return divmod(recv_ns, 1_000_000_000)
 
@@ -183,17 +193,25 @@ def trade_id(value) -> int:
 class Session:
     """Per-connection parsing state. Subclasses implement :meth:`on_message`."""
 
+    # Client keepalive: send ``ping_text`` once when nothing was received for
+    # ``ping_after_secs`` (None: the exchange needs no client ping).
+    ping_after_secs: ClassVar[float | None] = None
+    ping_text: ClassVar[str] = ""
+
     def __init__(self, adapter: "Exchange", symbols: Sequence[SymbolInfo], sink: Sink):
         self.adapter = adapter
         self.sink = sink
         self.symbols = list(symbols)
         # exchange spelling -> wire bytes of the normalized symbol
         self.by_name = {s.exchange_name: rec.symbol_bytes(s.symbol) for s in symbols}
+        self._pinged = False  # a ping is out and nothing came back yet
 
     def symbol(self, name) -> bytes:
+        if not isinstance(name, str):
+            raise Refused("bad_symbol", repr(name)[:200])
         sym = self.by_name.get(name)
         if sym is None:
-            raise Refused("unknown_symbol", repr(name))
+            raise Refused("unknown_symbol", repr(name)[:200])
         return sym
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
@@ -205,7 +223,15 @@ class Session:
 
     def keepalive(self, idle_secs: float) -> str | None:
         """A text to send when nothing was received for ``idle_secs`` (None: nothing)."""
-        return None
+        if self.ping_after_secs is None:
+            return None
+        if idle_secs < self.ping_after_secs:
+            self._pinged = False  # something arrived since the last ping
+            return None
+        if self._pinged:
+            return None
+        self._pinged = True
+        return self.ping_text
 
 
 class Exchange:

@@ -17,6 +17,7 @@ from .. import records as rec
 from ..records import ZERO_ID
 from . import base
 from .base import (
+    loads,
     MAX_PRICE,
     MAX_SIZE,
     Exchange,
@@ -46,10 +47,7 @@ class BinanceSession(Session):
         self._add_trade = sink.raw_trade
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise Refused("json", payload[:200]) from None
+        msg = loads(payload)
         if not isinstance(msg, dict):
             raise Refused("unknown_type", payload[:200])
         data = msg.get("data")

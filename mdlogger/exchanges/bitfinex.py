@@ -21,6 +21,7 @@ import orjson
 
 from .. import records as rec
 from .base import (
+    loads,
     Exchange,
     Pause,
     Reconnect,
@@ -58,10 +59,7 @@ class BitfinexSession(Session):
         self._recent_set: set[int] = set()
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise Refused("json", payload[:200]) from None
+        msg = loads(payload)
         if isinstance(msg, dict):
             self._event(msg, payload)
             return

@@ -20,6 +20,7 @@ import orjson
 
 from .. import records as rec
 from .base import (
+    loads,
     Exchange,
     Refused,
     Session,
@@ -49,10 +50,7 @@ def _order_id(value) -> bytes:
 
 class CoinbaseSession(Session):
     def on_message(self, payload: bytes, recv_ns: int) -> None:
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise Refused("json", payload[:200]) from None
+        msg = loads(payload)
         if not isinstance(msg, dict):
             raise Refused("unknown_type", payload[:200])
         kind = msg.get("type")

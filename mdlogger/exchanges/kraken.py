@@ -18,6 +18,7 @@ import orjson
 
 from .. import records as rec
 from .base import (
+    loads,
     Exchange,
     Pause,
     Refused,
@@ -44,26 +45,14 @@ def normalize_code(code: str) -> str:
 
 
 class KrakenSession(Session):
+    ping_after_secs = PING_AFTER_SECS
+    ping_text = '{"event":"ping","reqid":1}'
     def __init__(self, adapter, symbols, sink):
         super().__init__(adapter, symbols, sink)
         self._replayed: set[str] = set()  # pairs whose first trade message (the replay) arrived
-        self._pinged = False
-
-    def keepalive(self, idle_secs: float) -> str | None:
-        if idle_secs < PING_AFTER_SECS:
-            self._pinged = False
-            return None
-        if self._pinged:
-            return None
-        self._pinged = True
-        return orjson.dumps({"event": "ping", "reqid": 1}).decode()
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
-        self._pinged = False
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise Refused("json", payload[:200]) from None
+        msg = loads(payload)
         if isinstance(msg, dict):
             self._event(msg, payload)
         elif isinstance(msg, list) and len(msg) >= 4 and isinstance(msg[-2], str):

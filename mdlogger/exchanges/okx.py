@@ -32,6 +32,7 @@ import orjson
 
 from .. import records as rec
 from .base import (
+    loads,
     Exchange,
     Refused,
     Rotate,
@@ -52,33 +53,16 @@ _INST_ID_RE = re.compile(r"instId:\s*([A-Za-z0-9_-]+)")
 
 
 class OkxSession(Session):
+    ping_after_secs = PING_AFTER_SECS
+    ping_text = "ping"
     def __init__(self, adapter, symbols, sink):
         super().__init__(adapter, symbols, sink)
-        self._pinged = False  # a ping is out and nothing came back yet
         self._seen_trades: set[str] = set()  # instIds whose first trades frame (the snapshot) arrived
 
-    def symbol(self, name) -> bytes:
-        if not isinstance(name, str):
-            raise Refused("bad_symbol", repr(name)[:200])
-        return super().symbol(name)
-
-    def keepalive(self, idle_secs: float) -> str | None:
-        if idle_secs < PING_AFTER_SECS:
-            self._pinged = False
-            return None
-        if self._pinged:
-            return None
-        self._pinged = True
-        return "ping"
-
     def on_message(self, payload: bytes, recv_ns: int) -> None:
-        self._pinged = False
         if payload == b"pong":
             return
-        try:
-            msg = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            raise Refused("json", payload[:200]) from None
+        msg = loads(payload)
         if not isinstance(msg, dict):
             raise Refused("unknown_type", payload[:200])
         if "event" in msg:
