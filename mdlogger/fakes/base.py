@@ -30,7 +30,7 @@ from .wsserver import OP_PONG, OP_TEXT, ConnectionClosed, FakeServer, WsConn, en
 
 START_PRICES = {"BTC": 87000.0, "ETH": 3100.0, "BNB": 610.0, "SOL": 140.0, "DOGE": 0.16, "XRP": 2.1, "ADA": 0.7}
 FIREHOSE_BLOB = 20000  # trades pre-encoded per firehose blob
-FIREHOSE_RENEW = 2.0  # seconds a blob is resent before fresh times and ids
+FIREHOSE_RENEW = 10.0  # seconds a blob is resent before fresh times and ids
 
 
 def now_ms() -> int:
