@@ -58,8 +58,10 @@ class PrintSink(Sink):
         self.errors: list[str] = []
         self.refused: list[str] = []
 
-    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID):
-        self.rows.append(("TRADES", (symbol.decode(), trade_id, sec, nanos, price, size, side)))
+    def trade(self, symbol, trade_id, sec, nanos, price, size, side, maker=rec.ZERO_ID, taker=rec.ZERO_ID,
+              snapshot=False):
+        row = (symbol.decode(), trade_id, sec, nanos, price, size, side) + (("snapshot",) if snapshot else ())
+        self.rows.append(("TRADES", row))
 
     def ticker(self, symbol, sec, nanos, price, volume, side, bid, ask):
         self.rows.append(("MD", (symbol.decode(), sec, nanos, price, volume, side, bid, ask)))

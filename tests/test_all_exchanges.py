@@ -229,3 +229,27 @@ def test_connection_killed_mid_stream_resubscribes_without_duplicates(tmp_path, 
     finally:
         svc.ensure_dead()
         fake.stop()
+
+
+def test_a_symbol_the_exchange_refuses_is_reported_and_the_shard_keeps_going(tmp_path):
+    from mdlogger.fakes.coinbase import FakeCoinbase
+
+    with FakeCoinbase(symbols=["BTC-USD", "ETH-USD"], mode="steady", rate=20, refuse={"ETH-USD"}) as fake:
+        data = os.path.join(str(tmp_path), "data")
+        cfg = {"enabled": True, "ws_endpoint": fake.ws_endpoint, "rest_endpoint": fake.url_http,
+               "symbols": ["BTC-USD", "ETH-USD"]}
+        svc = Service(tmp_path, {"logger": fast_logger(data), "exchanges": {"coinbase": cfg}})
+        try:
+            svc.wait_all_connected(1)
+            doc = wait_for(lambda: (lambda d: d if d["exchanges"]["coinbase"]["refused_by_exchange"] else None)(
+                svc.health()[1]), what="the refusal on /health")
+            assert doc["exchanges"]["coinbase"]["refused_by_exchange"] == ["ETH-USD"]
+            assert doc["shards"][0]["refused_symbols"] == ["ETH-USD"]
+            assert doc["exchanges"]["coinbase"]["refused_by_reason"]["exchange_error"] >= 1
+            rows = doc["writer"]["rows_trades"]
+            wait_for(lambda: svc.health()[1]["writer"]["rows_trades"] > rows + 10, what="BTC-USD still captured")
+            assert svc.shards()[0]["restarts"] == 0 and svc.shards()[0]["reconnects"] == 0
+            assert "ETH-USD is not a valid product" in svc.log_text()
+            assert svc.stop() == 0
+        finally:
+            svc.ensure_dead()

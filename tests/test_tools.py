@@ -136,3 +136,23 @@ def test_demo_runs_every_simulated_exchange(tmp_path):
             proc.wait()
     for exchange in FAKES:
         assert list((tmp_path / "demo-data" / exchange).glob("*/TRADES/price.*.bin")), exchange
+
+
+@pytest.mark.parametrize("exchange", ["coinbase", "binance", "bitfinex", "kraken", "okx"])
+def test_symbols_and_test_commands_on_every_exchange(tmp_path, exchange):
+    from mdlogger.fakes import fake_class
+
+    with fake_class(exchange)(mode="steady", rate=50) as server:
+        path = tmp_path / "logger.yaml"
+        symbols = list(server.symbols)[:2]
+        path.write_text(yaml.safe_dump({
+            "logger": {"data_path": str(tmp_path / "data"), "health_check_port": 0},
+            "exchanges": {exchange: {"enabled": True, "ws_endpoint": server.ws_endpoint,
+                                     "rest_endpoint": server.url_http, "symbols": symbols}},
+        }))
+        listed = run("-m", "mdlogger", "--config", str(path), "symbols", exchange)
+        assert listed.returncode == 0, listed.stderr
+        assert {line.split()[0] for line in listed.stdout.splitlines()[1:]} >= set(symbols)
+        proc = run("-m", "mdlogger", "--config", str(path), "test", exchange, "--count", "4", "--timeout", "15")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "OK: " in proc.stdout

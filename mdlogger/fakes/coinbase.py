@@ -31,8 +31,9 @@ class FakeCoinbase(FakeExchange):
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
                  record: bool | None = None, heartbeat_interval: float = 1.0, subscribe_timeout: float = 5.0,
-                 max_client_msgs_per_sec: float | None = 100):
+                 max_client_msgs_per_sec: float | None = 100, refuse=()):
         super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
+        self.refuse = set(refuse)  # listed over REST but refused on subscribe (a delisting in progress)
         self.heartbeat_interval = heartbeat_interval
         self.subscribe_timeout = subscribe_timeout
         self.sequence = 1_000_000
@@ -74,10 +75,10 @@ class FakeCoinbase(FakeExchange):
             return
         products = req.get("product_ids") or []
         channels = [c if isinstance(c, str) else c.get("name") for c in req.get("channels") or []]
-        bad = [p for p in products if p not in self.symbols]
+        bad = [p for p in products if p not in self.symbols or p in self.refuse]
         if bad:
             self.send_error(conn, "Failed to subscribe", "%s is not a valid product" % bad[0])
-            products = [p for p in products if p in self.symbols]
+            products = [p for p in products if p in self.symbols and p not in self.refuse]
         unknown = [c for c in channels if c not in CHANNELS]
         if unknown:
             self.send_error(conn, "Failed to subscribe", "%s is not a valid channel" % unknown[0])
