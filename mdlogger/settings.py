@@ -76,6 +76,7 @@ class LoggerSettings:
     batch_max_delay_ms: float = 5.0
     worker_buffer_bytes: int = 64 << 20
     log_level: str = "INFO"
+    retention_days: int = 0  # 0: keep every day; else day files older than this are removed daily
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ LOGGER_RULES: dict[str, tuple[str, tuple | None]] = {
     "batch_max_delay_ms": ("float", _POSITIVE),
     "worker_buffer_bytes": ("int", _POSITIVE),
     "log_level": ("str", _LEVEL),
+    "retention_days": ("int", _NONNEG),
 }
 
 EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {

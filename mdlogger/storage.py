@@ -128,6 +128,29 @@ def iter_tables(data_path: str, days: set[str] | None = None):
                     yield TableKey(exchange, symbol, kind, day)
 
 
+def expired_days(data_path: str, before_day: int):
+    """``(path, day)`` of every column file whose day index is before ``before_day``."""
+    for exchange in sorted(EXCHANGE_CODES):
+        edir = os.path.join(data_path, exchange)
+        try:
+            symbols = os.listdir(edir)
+        except FileNotFoundError:
+            continue
+        for symbol in sorted(symbols):
+            if not valid_symbol(symbol):
+                continue
+            for table in TABLE_NAMES.values():
+                tdir = os.path.join(edir, symbol, table)
+                try:
+                    names = os.listdir(tdir)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                for name in sorted(names):
+                    m = _FILE_RE.match(name)
+                    if m and day_index(m.group(2)) < before_day:
+                        yield os.path.join(tdir, name), m.group(2)
+
+
 def repair_all(data_path: str, days: set[str] | None = None) -> list[tuple[TableKey, dict]]:
     """Repair every torn table (of the given days); returns what was cut."""
     repaired = []

@@ -35,7 +35,7 @@ from . import records as rec
 from .logs import configure_child
 from .settings import Settings
 from .stats import WRITER_FIELDS, Block
-from .storage import TableFiles, TableKey, last_trades, pack_column, repair_all
+from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all
 from .transport import FrameReader
 
 log = logging.getLogger("mdlogger.writer")
@@ -87,6 +87,7 @@ class Writer:
         self.files: OrderedDict[TableKey, TableFiles] = OrderedDict()
         self.readers: dict[int, FrameReader] = {}  # slot -> reader
         self.marks: dict[tuple[str, str], list] = {}  # (exchange, symbol) -> [id, sec, nanos]
+        self.retention_done_for = -1  # the day index retention last ran on
         self.selector = selectors.DefaultSelector()
         self.last_flush = time.monotonic()
         self.last_fsync = time.monotonic()
@@ -130,8 +131,31 @@ class Writer:
                     self._read_slot(key.data)
             self._tick()
 
+    def apply_retention(self) -> list[str]:
+        """Once a day: remove day files older than ``retention_days`` (never today's or yesterday's)."""
+        days = self.settings.logger.retention_days
+        today = int(self.clock()) // 86400
+        if not days or today == self.retention_done_for:
+            return []
+        self.retention_done_for = today
+        keep_from = today - max(days, 1)  # yesterday at the earliest
+        removed, gone = [], set()
+        for path, day in expired_days(self.data_path, keep_from):
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.error("retention: cannot remove %s: %s", path, exc)
+                continue
+            removed.append(path)
+            gone.add(day)
+        if removed:
+            log.info("retention (%d days): removed %d files of days %s", days, len(removed),
+                     ", ".join(sorted(gone, key=rec.day_index)))
+        return removed
+
     def _tick(self) -> None:
         now = time.monotonic()
+        self.apply_retention()
         self.stats.set("heartbeat", now)
         if now - self.last_flush >= self.settings.logger.flush_interval_secs:
             self.flush_all()

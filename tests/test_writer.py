@@ -106,3 +106,29 @@ def test_frames_through_a_pipe(tmp_path):
     assert ids(tmp_path) == [7]
     w.remove_slot(0)
     assert w.readers == {}
+
+
+def test_retention_removes_old_days_once_a_day_never_today_or_yesterday(tmp_path):
+    now = [DAY + 3600]
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True,
+                                        "logger.retention_days": 1}, check_resources=False)
+    w = Writer(settings, Block(WRITER_FIELDS), clock=lambda: now[0])
+    for back in range(5):  # today and the four days before
+        feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 100 + back, DAY - back * 86400 + 10)])
+    w.flush_all()
+    days = lambda: sorted({p.name.split(".", 1)[1] for p in (tmp_path / "coinbase" / "BTC-USD" / "TRADES").iterdir()})
+    assert days() == ["20.11.26.bin", "21.11.26.bin", "22.11.26.bin", "23.11.26.bin", "24.11.26.bin"]
+    removed = w.apply_retention()
+    assert len(removed) == 3 * 8  # three days of eight columns
+    assert days() == ["23.11.26.bin", "24.11.26.bin"]  # yesterday is kept even with retention_days: 1
+    assert w.apply_retention() == []  # once a day
+    now[0] += 86400  # the next day
+    assert len(w.apply_retention()) == 8
+    assert days() == ["24.11.26.bin"]
+
+
+def test_retention_off_by_default(tmp_path):
+    w = make_writer(tmp_path)
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 1, DAY - 30 * 86400)])
+    w.flush_all()
+    assert w.apply_retention() == []
