@@ -107,12 +107,19 @@ def supervisor_pid() -> int:
 
 
 def build_app(supervisor) -> Flask:
+    from .metrics import CONTENT_TYPE, metrics_registry, render
+
     app = Flask("mdlogger")
+    registry = metrics_registry(supervisor)
 
     @app.get("/health")
     def health():
         code, doc = health_document(supervisor)
         return jsonify(doc), code
+
+    @app.get("/metrics")
+    def metrics():
+        return render(registry), 200, {"Content-Type": CONTENT_TYPE}
 
     return app
 

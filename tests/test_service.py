@@ -332,3 +332,31 @@ def test_bad_input_is_counted_by_reason_and_never_stored(running, fake):
     assert not os.path.exists(os.path.join(running.data_path, "X"))
     log = running.log_text()
     assert "first message refused as oversized" in log and "first message refused as json" in log
+
+
+def test_metrics_in_the_prometheus_format(running, fake):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
+    for _ in range(30):
+        fake.push_trade("BTC-USDT")
+    fake.push_raw("{broken")
+    wait_for(lambda: records_received(running) == 30, what="records")
+    wait_for(lambda: running.health()[1]["writer"]["rows_trades"] == 30, what="rows")
+    url = "http://127.0.0.1:%d/metrics" % running.health_port()
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    assert sum(v for labels, v in samples["mdlogger_records_total"] if labels["kind"] == "trades") == 30
+    assert sum(v for labels, v in samples["mdlogger_refused_messages_total"] if labels["reason"] == "json") == 2
+    assert [v for labels, v in samples["mdlogger_writer_rows_total"] if labels["table"] == "TRADES"] == [30]
+    assert sorted(labels["shard"] for labels, v in samples["mdlogger_connected"] if v == 1) == ["0", "1"]
+    assert {labels["process"] for labels, _ in samples["mdlogger_process_resident_memory_bytes"]} == {
+        "supervisor", "writer", "binance#0", "binance#1"}
+    assert all(v == 0 for _, v in samples["mdlogger_restarts_total"])

@@ -1,0 +1,100 @@
+"""``GET /metrics``: the service's counters in the Prometheus text format.
+
+A custom collector reads, at scrape time, the same lock-free counter blocks
+the workers and the writer keep in shared memory and the supervisor's
+published view, so the figures are aggregated across every process without
+any process pushing anything. Names follow Prometheus conventions
+(``mdlogger_..._total`` for counters, base units).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServiceCollector:
+    def __init__(self, supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        view = self.supervisor.view
+        now = time.time()
+        labels = ["exchange", "shard"]
+        c = {
+            "messages": CounterMetricFamily("mdlogger_messages", "Data frames received", labels=labels),
+            "records": CounterMetricFamily("mdlogger_records", "Records parsed", labels=labels + ["kind"]),
+            "refused": CounterMetricFamily("mdlogger_refused_messages", "Messages refused, by reason",
+                                           labels=labels + ["reason"]),
+            "dropped": CounterMetricFamily("mdlogger_dropped_records", "Records dropped because the writer was behind",
+                                           labels=labels),
+            "reconnects": CounterMetricFamily("mdlogger_reconnects", "WebSocket reconnects", labels=labels),
+            "restarts": CounterMetricFamily("mdlogger_restarts", "Worker process restarts", labels=labels),
+        }
+        connected = GaugeMetricFamily("mdlogger_connected", "1 while the shard's connection is open", labels=labels)
+        silence = GaugeMetricFamily("mdlogger_seconds_since_last_message", "Seconds since the shard's last frame",
+                                    labels=labels)
+        for entry in view["slots"]:
+            s = entry["stats"].as_dict()
+            lv = [entry["exchange"], str(entry["shard"])]
+            c["messages"].add_metric(lv, s["messages"])
+            c["records"].add_metric(lv + ["md"], s["records_md"])
+            c["records"].add_metric(lv + ["trades"], s["records_trades"])
+            for reason, n in entry["stats"].reasons().items():
+                c["refused"].add_metric(lv + [reason], n)
+            c["dropped"].add_metric(lv, s["dropped_records"])
+            c["reconnects"].add_metric(lv, s["reconnects"])
+            c["restarts"].add_metric(lv, entry["restarts"])
+            connected.add_metric(lv, s["connected"])
+            if s["last_message"]:
+                silence.add_metric(lv, max(0.0, now - s["last_message"]))
+        yield from c.values()
+        yield connected
+        yield silence
+        yield from self._writer(view)
+        yield self._memory()
+
+    def _writer(self, view):
+        w = self.supervisor.writer_stats.as_dict()
+        rows = CounterMetricFamily("mdlogger_writer_rows", "Rows written", labels=["table"])
+        rows.add_metric(["MD"], w["rows_md"])
+        rows.add_metric(["TRADES"], w["rows_trades"])
+        yield rows
+        yield CounterMetricFamily("mdlogger_writer_written_bytes", "Bytes written to data files", value=w["bytes_written"])
+        yield CounterMetricFamily("mdlogger_writer_io_errors", "Failed writes (retried)", value=w["io_errors"])
+        yield CounterMetricFamily("mdlogger_writer_duplicate_trades", "Snapshot trades already stored",
+                                  value=w["duplicates"])
+        yield GaugeMetricFamily("mdlogger_writer_flush_duration_seconds", "Duration of the last flush",
+                                value=w["flush_seconds"])
+        yield GaugeMetricFamily("mdlogger_writer_queue_backlog_bytes", "Bytes waiting in the worker pipes",
+                                value=view["writer"].get("backlog_bytes", 0))
+        yield GaugeMetricFamily("mdlogger_writer_pending_rows", "Rows buffered, not yet written", value=w["pending_rows"])
+
+    def _memory(self):
+        rss = GaugeMetricFamily("mdlogger_process_resident_memory_bytes", "RSS of each process", labels=["process"])
+        procs = [("supervisor", os.getpid()), ("writer", int(self.supervisor.writer_stats.get("pid")))]
+        procs += [("%s#%d" % (e["exchange"], e["shard"]), int(e["stats"].get("pid"))) for e in self.supervisor.view["slots"]]
+        for name, pid in procs:
+            if not pid:
+                continue
+            try:
+                rss.add_metric([name], psutil.Process(pid).memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return rss
+
+
+def metrics_registry(supervisor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(supervisor))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
