@@ -117,6 +117,10 @@ def build_app(supervisor) -> Flask:
         code, doc = health_document(supervisor)
         return jsonify(doc), code
 
+    @app.get("/analytics")
+    def analytics():
+        return jsonify(supervisor.analytics.report())
+
     @app.get("/metrics")
     def metrics():
         return render(registry), 200, {"Content-Type": CONTENT_TYPE}

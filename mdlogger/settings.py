@@ -53,6 +53,7 @@ class ExchangeSettings:
     reconnect_delay_secs: float = 1.0
     max_reconnect_delay_secs: float = 60.0
     symbols: tuple = ()
+    large_trade_notional: tuple = ()  # ((symbol, notional), ...): per-symbol large-trade thresholds
     silence_timeout_secs: float = 30.0
     connect_timeout_secs: float = 10.0
     rest_timeout_secs: float = 10.0
@@ -77,6 +78,9 @@ class LoggerSettings:
     worker_buffer_bytes: int = 64 << 20
     log_level: str = "INFO"
     retention_days: int = 0  # 0: keep every day; else day files older than this are removed daily
+    analytics_interval_secs: int = 60
+    large_trade_notional: float = 0.0  # 0: off; a trade with price x size >= this is large
+    large_trade_median_multiple: float = 0.0  # 0: off; a trade >= this x the recent median size is large
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ LOGGER_RULES: dict[str, tuple[str, tuple | None]] = {
     "worker_buffer_bytes": ("int", _POSITIVE),
     "log_level": ("str", _LEVEL),
     "retention_days": ("int", _NONNEG),
+    "analytics_interval_secs": ("int", _POSITIVE),
+    "large_trade_notional": ("float", _NONNEG),
+    "large_trade_median_multiple": ("float", _NONNEG),
 }
 
 EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {
@@ -132,6 +139,7 @@ EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {
     "reconnect_delay_secs": ("float", _POSITIVE),
     "max_reconnect_delay_secs": ("float", _POSITIVE),
     "symbols": ("list", None),
+    "large_trade_notional": ("notional_map", None),
     "silence_timeout_secs": ("float", _POSITIVE),
     "connect_timeout_secs": ("float", _POSITIVE),
     "rest_timeout_secs": ("float", _POSITIVE),
@@ -146,6 +154,7 @@ _KIND_TEXT = {
     "list": "a list of symbol strings",
     "ws_url": "a ws:// or wss:// URL with a host",
     "http_url": "an http:// or https:// URL with a host",
+    "notional_map": "a mapping of symbol to a positive notional",
 }
 
 
@@ -183,6 +192,16 @@ def _coerce(kind: str, value: Any, from_text: bool) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in value):
             raise ValueError
         return tuple(s.strip() for s in value)
+    if kind == "notional_map":
+        if not isinstance(value, dict):
+            raise ValueError
+        out = []
+        for symbol, notional in value.items():
+            if not isinstance(symbol, str) or isinstance(notional, bool) or not isinstance(notional, (int, float)) \
+                    or not notional > 0:
+                raise ValueError
+            out.append((symbol, float(notional)))
+        return tuple(sorted(out))
     raise AssertionError(kind)
 
 
@@ -201,6 +220,11 @@ def _coerce_text(kind: str, text: str) -> Any:
         raise ValueError
     if kind == "list":
         return tuple(s.strip() for s in text.split(",") if s.strip())
+    if kind == "notional_map":  # SYMBOL=NOTIONAL,SYMBOL=NOTIONAL
+        pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return _coerce(kind, {k.strip(): float(v) for k, v in pairs}, False)
     return _coerce(kind, text, False)
 
 

@@ -8,7 +8,8 @@
                           |            heartbeats -> start due slots -> publish view  |
                           | threads (never fork, never kill):                         |
                           |   log receiver   discovery (REST, one per exchange)       |
-                          |   Flask /health (reads the published view + counters)     |
+                          |   Flask /health /metrics /analytics (read-only)           |
+                          |   analytics (reads new rows of today's TRADES files)      |
                           +--------------------------+--------------------------------+
                                                      | forkserver (started first,
                                                      | while single-threaded)
@@ -46,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import transport
+from .analytics import AnalyticsThread, engine_from_settings
 from .backoff import Backoff
 from .exchanges import adapter_for
 from .exchanges.base import SymbolInfo, resolve_symbols, split_shards
@@ -205,6 +207,7 @@ class Supervisor:
         self.discovered: queue.Queue = queue.Queue()
         self.discovery_stop = threading.Event()
         self.view: dict = {"slots": (), "writer": {}, "exchanges": {}}
+        self.analytics = engine_from_settings(settings)
         self.health_server = None
         self.notify = None  # optional callable(state: str), e.g. sd_notify
         self._next_slot = 0
@@ -246,6 +249,8 @@ class Supervisor:
         self.log_receiver.start()
         self._publish_view()  # /health must have a whole view to read from its first request
         self._start_health()
+        self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.discovery_stop)
+        self.analytics_thread.start()
         for xs in self.settings.enabled_exchanges():
             DiscoveryThread(xs, self.discovered, self.wake, self.discovery_stop).start()
         log.info("supervisor %d running; data in %s", os.getpid(), self.settings.logger.data_path)

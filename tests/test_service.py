@@ -360,3 +360,28 @@ def test_metrics_in_the_prometheus_format(running, fake):
     assert {labels["process"] for labels, _ in samples["mdlogger_process_resident_memory_bytes"]} == {
         "supervisor", "writer", "binance#0", "binance#1"}
     assert all(v == 0 for _, v in samples["mdlogger_restarts_total"])
+
+
+def test_analytics_endpoint_reports_what_was_stored(running, fake):
+    import json
+    import urllib.request
+
+    wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
+    for _ in range(20):
+        fake.push_trade("ETH-USDT")
+    sent = [t for t in fake.sent_trades if t["s"] == "ETHUSDT"]
+    wait_for(lambda: running.health()[1]["writer"]["rows_trades"] == 20, what="rows on disk")
+    url = "http://127.0.0.1:%d/analytics" % running.health_port()
+
+    def today_figures():
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.loads(resp.read())
+        return doc["exchanges"].get("binance", {}).get("ETH-USDT", {}).get("today", {}).get("trades") == 20 and doc
+
+    doc = wait_for(today_figures, what="analytics of the stored trades")
+    day = doc["exchanges"]["binance"]["ETH-USDT"]["today"]
+    prices = [f32(float(t["p"])) for t in sent]
+    sizes = [f32(float(t["q"])) for t in sent]
+    assert day["high"] == max(prices) and day["low"] == min(prices)
+    assert day["vwap"] == pytest.approx(sum(p * s for p, s in zip(prices, sizes)) / sum(sizes))
+    assert day["buy_volume"] == pytest.approx(sum(s for t, s in zip(sent, sizes) if not t["m"]))

@@ -1,0 +1,260 @@
+"""Market figures per exchange and symbol, from the rows the writer stored.
+
+A thread of the supervisor (:class:`AnalyticsThread`) reads the rows
+appended to today's TRADES files since its last pass (the columns are
+memory-mapped read-only, like any reader would), so the figures come from
+exactly what is on disk and the write path does no extra work at all.
+
+:class:`Analytics` is the pure engine: per symbol, for the current reporting
+interval (aligned to multiples of ``interval_secs`` of trade time), the last
+complete one, and the UTC day so far: trade count, VWAP, high, low, buy and
+sell volume (by the taker's side) and their ratio, and large trades. A large
+trade is one whose notional (price x size) reaches a threshold, global or per
+symbol, or whose size reaches a multiple of the symbol's recent median size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import records as rec
+from .storage import KIND_BY_TABLE, TableKey, column_path, iter_tables, table_rows
+
+log = logging.getLogger("mdlogger.analytics")
+
+MEDIAN_WINDOW = 500  # recent sizes kept per symbol for the median rule
+LARGE_KEPT = 10  # large trades listed per window
+
+
+@dataclass
+class Window:
+    """Figures over one span of trade time."""
+
+    start: int = 0
+    count: int = 0
+    notional: float = 0.0
+    volume: float = 0.0
+    high: float = -math.inf
+    low: float = math.inf
+    buy_volume: float = 0.0
+    sell_volume: float = 0.0
+    large: list = field(default_factory=list)
+    large_count: int = 0
+
+    def add(self, sec: int, price: float, size: float, side: int, large: bool) -> None:
+        self.count += 1
+        self.notional += price * size
+        self.volume += size
+        self.high = max(self.high, price)
+        self.low = min(self.low, price)
+        if side == rec.SIDE_BUY:
+            self.buy_volume += size
+        elif side == rec.SIDE_SELL:
+            self.sell_volume += size
+        if large:
+            self.large_count += 1
+            self.large.append({"time": sec, "price": price, "size": size, "side": side,
+                               "notional": round(price * size, 8)})
+            del self.large[:-LARGE_KEPT]
+
+    def figures(self) -> dict:
+        if not self.count:
+            return {"start": self.start, "trades": 0}
+        return {
+            "start": self.start,
+            "trades": self.count,
+            "vwap": self.notional / self.volume,
+            "high": self.high,
+            "low": self.low,
+            "volume": self.volume,
+            "buy_volume": self.buy_volume,
+            "sell_volume": self.sell_volume,
+            "buy_sell_ratio": (self.buy_volume / self.sell_volume) if self.sell_volume else None,
+            "large_trades": self.large_count,
+            "large": list(self.large),
+        }
+
+
+class SymbolStats:
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.current = Window()
+        self.previous = Window()
+        self.day = Window()
+        self.sizes: collections.deque = collections.deque(maxlen=MEDIAN_WINDOW)
+        self.sorted_sizes: list[float] = []
+        self.last_price = math.nan
+
+    def median_size(self) -> float:
+        s = self.sorted_sizes
+        if not s:
+            return math.nan
+        mid = len(s) // 2
+        return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+    def _remember_size(self, size: float) -> None:
+        if len(self.sizes) == self.sizes.maxlen:
+            old = self.sizes[0]
+            del self.sorted_sizes[bisect.bisect_left(self.sorted_sizes, old)]
+        self.sizes.append(size)
+        bisect.insort(self.sorted_sizes, size)
+
+
+class Analytics:
+    def __init__(self, interval_secs: int = 60, large_notional: float = 0.0, large_median_multiple: float = 0.0,
+                 per_symbol_notional: dict | None = None):
+        self.interval = int(interval_secs)
+        self.large_notional = large_notional
+        self.large_median_multiple = large_median_multiple
+        self.per_symbol_notional = dict(per_symbol_notional or {})  # "exchange:SYMBOL" -> notional
+        self.symbols: dict[tuple[str, str], SymbolStats] = {}
+        self.lock = threading.Lock()
+
+    def is_large(self, key: tuple[str, str], stats: SymbolStats, price: float, size: float) -> bool:
+        threshold = self.per_symbol_notional.get("%s:%s" % key, self.large_notional)
+        if threshold and price * size >= threshold:
+            return True
+        if self.large_median_multiple and stats.sorted_sizes:
+            return size >= self.large_median_multiple * stats.median_size()
+        return False
+
+    def add(self, exchange: str, symbol: str, rows) -> None:
+        """Take trades ``(time, nanos, price, size, side)`` in the order they were stored."""
+        key = (exchange, symbol)
+        with self.lock:
+            stats = self.symbols.get(key)
+            if stats is None:
+                stats = self.symbols[key] = SymbolStats(self.interval)
+            for sec, _nanos, price, size, side in rows:
+                self._add_one(key, stats, sec, price, size, side)
+
+    def _add_one(self, key, stats: SymbolStats, sec: int, price: float, size: float, side: int) -> None:
+        start = sec - sec % self.interval
+        if start > stats.current.start:
+            # a new interval: the current one becomes the last complete one
+            stats.previous = stats.current if stats.current.start + self.interval == start else Window(start - self.interval)
+            stats.current = Window(start)
+        day_start = sec - sec % 86400
+        if day_start > stats.day.start:
+            stats.day = Window(day_start)
+        large = self.is_large(key, stats, price, size)
+        if start == stats.current.start:
+            stats.current.add(sec, price, size, side, large)
+        elif start == stats.previous.start:
+            stats.previous.add(sec, price, size, side, large)  # a late trade of the last interval
+        if day_start == stats.day.start:
+            stats.day.add(sec, price, size, side, large)
+        stats._remember_size(size)
+        stats.last_price = price
+
+    def report(self, now: float | None = None) -> dict:
+        """Figures per exchange and symbol: the last complete interval, the current one, and today."""
+        now = time.time() if now is None else now
+        current_start = int(now) - int(now) % self.interval
+        out: dict = {}
+        with self.lock:
+            for (exchange, symbol), stats in sorted(self.symbols.items()):
+                last, cur = stats.previous, stats.current
+                if cur.start < current_start:  # no trade yet in the running interval
+                    last = cur if cur.start == current_start - self.interval else Window(current_start - self.interval)
+                    cur = Window(current_start)
+                day = stats.day if stats.day.start == int(now) - int(now) % 86400 else Window(int(now) - int(now) % 86400)
+                median = stats.median_size()
+                out.setdefault(exchange, {})[symbol] = {
+                    "last_price": None if math.isnan(stats.last_price) else stats.last_price,
+                    "median_size": None if math.isnan(median) else median,
+                    "interval": last.figures(),
+                    "current_interval": cur.figures(),
+                    "today": day.figures(),
+                }
+        return {"interval_secs": self.interval, "generated": now, "exchanges": out}
+
+    def most_active(self, n: int = 10, now: float | None = None) -> list[tuple[str, str, dict]]:
+        rep = self.report(now)
+        rows = [(x, s, f["interval"]) for x, syms in rep["exchanges"].items() for s, f in syms.items()]
+        rows.sort(key=lambda r: -r[2]["trades"])
+        return [r for r in rows[:n] if r[2]["trades"]]
+
+
+def format_table(rows) -> str:
+    lines = ["%-10s %-14s %7s %14s %14s %14s %12s %12s %7s %5s" % (
+        "exchange", "symbol", "trades", "vwap", "high", "low", "buy vol", "sell vol", "b/s", "large")]
+    for exchange, symbol, f in rows:
+        ratio = f["buy_sell_ratio"]
+        lines.append("%-10s %-14s %7d %14.6g %14.6g %14.6g %12.6g %12.6g %7s %5d" % (
+            exchange, symbol, f["trades"], f["vwap"], f["high"], f["low"], f["buy_volume"], f["sell_volume"],
+            "-" if ratio is None else "%.2f" % ratio, f["large_trades"]))
+    return "\n".join(lines)
+
+
+class AnalyticsThread(threading.Thread):
+    """Reads new TRADES rows of today's files and feeds the engine; logs a table each interval."""
+
+    POLL_SECS = 1.0
+
+    def __init__(self, data_path: str, engine: Analytics, stop: threading.Event, clock=time.time):
+        super().__init__(name="analytics", daemon=True)
+        self.data_path = data_path
+        self.engine = engine
+        self.stop_event = stop
+        self.clock = clock
+        self.offsets: dict[TableKey, int] = {}
+        self.last_log = clock()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.POLL_SECS):
+            try:
+                self.poll()
+            except OSError as exc:
+                log.warning("analytics: cannot read the files: %s", exc)
+            if self.clock() - self.last_log >= self.engine.interval:
+                self.last_log = self.clock()
+                rows = self.engine.most_active(10)
+                if rows:
+                    log.info("most active symbols over the last %d s:\n%s", self.engine.interval, format_table(rows))
+
+    def poll(self) -> int:
+        """Read what was appended since the last poll; returns the rows taken."""
+        today = rec.day_string(int(self.clock()))
+        taken = 0
+        for key in iter_tables(self.data_path, {today}):
+            if key.kind != KIND_BY_TABLE["TRADES"]:
+                continue
+            rows = min(table_rows(self.data_path, key).values())
+            done = self.offsets.get(key, 0)
+            if rows > done:
+                self.engine.add(key.exchange, key.symbol, read_trade_rows(self.data_path, key, done, rows))
+                self.offsets[key] = rows
+                taken += rows - done
+        return taken
+
+
+def read_trade_rows(data_path: str, key: TableKey, start: int, stop: int):
+    """``(time, nanos, price, size, side)`` of rows ``start..stop`` of a TRADES table."""
+    import struct
+
+    columns = {c.name: c for c in rec.TRADE_COLUMNS}
+    values = []
+    for name in ("time", "nanos", "price", "size", "side"):
+        column = columns[name]
+        with open(column_path(data_path, key, column), "rb") as fh:
+            fh.seek(start * column.width)
+            data = fh.read((stop - start) * column.width)
+        values.append(struct.unpack("<%d%s" % (stop - start, column.code), data))
+    return zip(*values)
+
+
+def engine_from_settings(settings) -> Analytics:
+    lg = settings.logger
+    per_symbol = {}
+    for x in settings.exchanges:
+        for symbol, notional in dict(x.large_trade_notional).items():
+            per_symbol["%s:%s" % (x.name, symbol)] = notional
+    return Analytics(lg.analytics_interval_secs, lg.large_trade_notional, lg.large_trade_median_multiple, per_symbol)
+
