@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import logging
 import math
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,10 +60,25 @@ class Window:
         elif side == rec.SIDE_SELL:
             self.sell_volume += size
         if large:
-            self.large_count += 1
-            self.large.append({"time": sec, "price": price, "size": size, "side": side,
-                               "notional": round(price * size, 8)})
-            del self.large[:-LARGE_KEPT]
+            self.add_large(sec, price, size, side)
+
+    def add_many(self, times, prices, sizes, sides, notionals, large_threshold: float) -> None:
+        """Many trades at once with C-level loops (the common case: one interval, one day)."""
+        self.count += len(prices)
+        self.notional += math.fsum(notionals)
+        self.volume += math.fsum(sizes)
+        self.high = max(self.high, max(prices))
+        self.low = min(self.low, min(prices))
+        self.buy_volume += math.fsum(itertools.compress(sizes, map(rec.SIDE_BUY.__eq__, sides)))
+        self.sell_volume += math.fsum(itertools.compress(sizes, map(rec.SIDE_SELL.__eq__, sides)))
+        if large_threshold:
+            for i in itertools.compress(range(len(prices)), map(large_threshold.__le__, notionals)):
+                self.add_large(times[i], prices[i], sizes[i], sides[i])
+
+    def add_large(self, sec: int, price: float, size: float, side: int) -> None:
+        self.large_count += 1
+        self.large.append({"time": sec, "price": price, "size": size, "side": side, "notional": round(price * size, 8)})
+        del self.large[:-LARGE_KEPT]
 
     def figures(self) -> dict:
         if not self.count:
@@ -133,6 +150,32 @@ class Analytics:
                 stats = self.symbols[key] = SymbolStats(self.interval)
             for sec, _nanos, price, size, side in rows:
                 self._add_one(key, stats, sec, price, size, side)
+
+    def add_columns(self, exchange: str, symbol: str, times, prices, sizes, sides) -> None:
+        """Take trades as columns. When they all fall in the running interval and day and only
+        the notional rule applies, the figures are updated with C-level loops; otherwise row by row."""
+        if not prices:
+            return
+        key = (exchange, symbol)
+        with self.lock:
+            stats = self.symbols.get(key)
+            if stats is None:
+                stats = self.symbols[key] = SymbolStats(self.interval)
+            lo, hi = min(times), max(times)
+            start = lo - lo % self.interval
+            fast = (hi < start + self.interval and start == stats.current.start
+                    and lo - lo % 86400 == stats.day.start and not self.large_median_multiple)
+            if not fast:
+                for row in zip(times, prices, sizes, sides):
+                    self._add_one(key, stats, *row)
+                return
+            notionals = list(map(operator.mul, prices, sizes))
+            threshold = self.per_symbol_notional.get("%s:%s" % key, self.large_notional)
+            stats.current.add_many(times, prices, sizes, sides, notionals, threshold)
+            stats.day.add_many(times, prices, sizes, sides, notionals, threshold)
+            for size in sizes[-MEDIAN_WINDOW:]:
+                stats._remember_size(size)
+            stats.last_price = prices[-1]
 
     def _add_one(self, key, stats: SymbolStats, sec: int, price: float, size: float, side: int) -> None:
         start = sec - sec % self.interval
@@ -229,25 +272,25 @@ class AnalyticsThread(threading.Thread):
             rows = min(table_rows(self.data_path, key).values())
             done = self.offsets.get(key, 0)
             if rows > done:
-                self.engine.add(key.exchange, key.symbol, read_trade_rows(self.data_path, key, done, rows))
+                self.engine.add_columns(key.exchange, key.symbol, *read_trade_columns(self.data_path, key, done, rows))
                 self.offsets[key] = rows
                 taken += rows - done
         return taken
 
 
-def read_trade_rows(data_path: str, key: TableKey, start: int, stop: int):
-    """``(time, nanos, price, size, side)`` of rows ``start..stop`` of a TRADES table."""
+def read_trade_columns(data_path: str, key: TableKey, start: int, stop: int):
+    """The ``time, price, size, side`` columns of rows ``start..stop`` of a TRADES table, as tuples."""
     import struct
 
     columns = {c.name: c for c in rec.TRADE_COLUMNS}
     values = []
-    for name in ("time", "nanos", "price", "size", "side"):
+    for name in ("time", "price", "size", "side"):
         column = columns[name]
         with open(column_path(data_path, key, column), "rb") as fh:
             fh.seek(start * column.width)
             data = fh.read((stop - start) * column.width)
         values.append(struct.unpack("<%d%s" % (stop - start, column.code), data))
-    return zip(*values)
+    return values
 
 
 def engine_from_settings(settings) -> Analytics:

@@ -91,3 +91,22 @@ def test_the_thread_reads_what_the_writer_stored(tmp_path):
     assert fig["trades"] == 3 and fig["vwap"] == pytest.approx((200 + 208 + 384) / 8)
     assert "coinbase" in format_table(engine.most_active(now=T0 + 61))
     assert not math.isnan(fig["vwap"])
+
+
+def test_columns_fast_path_equals_row_by_row():
+    import random
+
+    rng = random.Random(3)
+    rows = [(T0 + 60 + i // 10, 100 + rng.random(), rng.random() * 3 + 0.01, rng.choice([0, 1, 2])) for i in range(300)]
+    slow, fast = Analytics(60, large_notional=250.0), Analytics(60, large_notional=250.0)
+    slow.add("binance", "X-Y", trades(*rows))
+    fast.add("binance", "X-Y", trades(*rows[:1]))  # opens the interval and the day
+    t, p, s, d = (list(c) for c in zip(*rows[1:]))
+    fast.add_columns("binance", "X-Y", t, p, s, d)
+    a = slow.report(now=T0 + 100)["exchanges"]["binance"]["X-Y"]
+    b = fast.report(now=T0 + 100)["exchanges"]["binance"]["X-Y"]
+    for window in ("current_interval", "today"):
+        for k in ("trades", "high", "low", "large_trades"):
+            assert a[window][k] == b[window][k], (window, k)
+        for k in ("vwap", "volume", "buy_volume", "sell_volume"):
+            assert a[window][k] == pytest.approx(b[window][k], rel=1e-12), (window, k)
