@@ -205,6 +205,19 @@ class Session:
         # exchange spelling -> wire bytes of the normalized symbol
         self.by_name = {s.exchange_name: rec.symbol_bytes(s.symbol) for s in symbols}
         self._pinged = False  # a ping is out and nothing came back yet
+        self._replayed: set = set()  # symbols whose replay of recent trades has arrived
+
+    def first_trades(self, name) -> bool:
+        """True for a symbol's first trade message on this connection: the exchange's
+        replay of recent trades sent on subscribe, to be stored as snapshot trades."""
+        if name in self._replayed:
+            return False
+        self._replayed.add(name)
+        return True
+
+    def expect_replay(self, name) -> None:
+        """A (re)subscription was acknowledged: its next trade message is a replay again."""
+        self._replayed.discard(name)
 
     def symbol(self, name) -> bytes:
         if not isinstance(name, str):

@@ -47,9 +47,6 @@ def normalize_code(code: str) -> str:
 class KrakenSession(Session):
     ping_after_secs = PING_AFTER_SECS
     ping_text = '{"event":"ping","reqid":1}'
-    def __init__(self, adapter, symbols, sink):
-        super().__init__(adapter, symbols, sink)
-        self._replayed: set[str] = set()  # pairs whose first trade message (the replay) arrived
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         msg = loads(payload)
@@ -70,8 +67,7 @@ class KrakenSession(Session):
         sym = self.symbol(pair)
         if not isinstance(items, list):
             raise Refused("missing_field", "trade data %r" % (items,))
-        snapshot = pair not in self._replayed
-        self._replayed.add(pair)
+        snapshot = self.first_trades(pair)
         rows = []
         for item in items:
             try:
@@ -112,7 +108,7 @@ class KrakenSession(Session):
                 self.sink.exchange_error("%s (pair %s)" % (msg.get("errorMessage", "subscription error"), pair),
                                          symbol=symbol if symbol and rec.valid_symbol(symbol) else None)
             elif msg.get("status") == "subscribed" and msg.get("channelName") == "trade":
-                self._replayed.discard(msg.get("pair"))  # the replay of past trades follows
+                self.expect_replay(msg.get("pair"))
             return
         if event == "error":
             self.sink.exchange_error(str(msg.get("errorMessage", msg)))

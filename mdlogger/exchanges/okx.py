@@ -55,9 +55,6 @@ _INST_ID_RE = re.compile(r"instId:\s*([A-Za-z0-9_-]+)")
 class OkxSession(Session):
     ping_after_secs = PING_AFTER_SECS
     ping_text = "ping"
-    def __init__(self, adapter, symbols, sink):
-        super().__init__(adapter, symbols, sink)
-        self._seen_trades: set[str] = set()  # instIds whose first trades frame (the snapshot) arrived
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         if payload == b"pong":
@@ -84,9 +81,7 @@ class OkxSession(Session):
     def _trades(self, arg: dict, data: list) -> None:
         """Store every valid trade of the frame; then refuse the first bad one, if any."""
         inst = arg.get("instId")
-        snapshot = isinstance(inst, str) and inst not in self._seen_trades
-        if snapshot and inst in self.by_name:
-            self._seen_trades.add(inst)
+        snapshot = isinstance(inst, str) and inst in self.by_name and self.first_trades(inst)
         good, bad = [], None
         for item in data:
             try:
