@@ -1,6 +1,9 @@
-"""``python -m mdlogger.fakes EXCHANGE``: serve a fake exchange until SIGTERM/SIGINT.
+"""``python -m mdlogger.fakes EXCHANGE``: serve a fake exchange until SIGTERM/SIGINT, then exit 0.
 
-Prints ``READY <port>`` on one line once listening.
+Prints one line ``READY <port> <ws_path>`` once listening (``ws_path`` is what
+follows host:port in the exchange's ws_endpoint, ``/`` for none; the
+``FakeProcess`` helper in mdlogger.cli reads exactly these three words).
+Options that only some fakes have are passed on only when given.
 """
 
 from __future__ import annotations
@@ -10,31 +13,48 @@ import signal
 import sys
 import threading
 
-from . import fake_class
+from . import FAKES, fake_class
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(prog="python -m mdlogger.fakes")
-    ap.add_argument("exchange")
-    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("exchange", choices=sorted(FAKES))
+    ap.add_argument("--port", type=int, default=0, help="0 picks a free port")
     ap.add_argument("--mode", default="steady", choices=["steady", "firehose", "idle", "script"])
     ap.add_argument("--rate", type=float, default=5.0, help="trades per second per symbol (steady)")
     ap.add_argument("--symbols", default=None, help="comma-separated BASE-QUOTE symbols")
+    ap.add_argument("--seed", type=int, default=None, help="random-walk seed")
     ap.add_argument("--ping-interval", type=float, default=None, help="server ping interval (Binance)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--pong-timeout", type=float, default=None, help="seconds to wait for a pong (Binance)")
+    ap.add_argument("--max-connection-age", type=float, default=None, help="close connections older (Binance)")
+    return ap.parse_args(argv)
+
+
+def fake_kwargs(args: argparse.Namespace) -> dict:
+    """Constructor arguments for the fake, leaving out options not given."""
     kwargs = {"mode": args.mode, "rate": args.rate, "port": args.port}
-    if args.ping_interval is not None:
-        kwargs["ping_interval"] = args.ping_interval
+    optional = {"seed": args.seed, "ping_interval": args.ping_interval, "pong_timeout": args.pong_timeout,
+                "max_connection_age": args.max_connection_age}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
     if args.symbols:
         kwargs["symbols"] = [s.strip() for s in args.symbols.split(",") if s.strip()]
-    server = fake_class(args.exchange)(**kwargs)
+    return kwargs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    server = fake_class(args.exchange)(**fake_kwargs(args))
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     server.start()
     print("READY %d %s" % (server.port, server.ws_path or "/"), flush=True)
-    done.wait()
-    server.stop()
+    try:
+        while not done.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        server.stop()
     return 0
 
 

@@ -1,60 +1,131 @@
 """A loopback fake of Binance spot: REST exchangeInfo and the combined WebSocket stream.
 
-Speaks the real protocol (docs/exchange-protocols.md): ``/stream`` with
-``streams=`` or live ``SUBSCRIBE``/``UNSUBSCRIBE``/``LIST_SUBSCRIPTIONS``,
-events wrapped as ``{"stream":..., "data":...}`` in the real ``trade`` and
-``24hrTicker`` shapes, a server ping every ``ping_interval`` whose payload the
-client must echo, at most 5 client messages per second (more closes the
-connection with 1008 and is recorded in ``violations``), 1024 streams per
-connection, ``serverShutdown`` and the 24 h connection limit.
+Speaks the real protocol (docs/exchange-protocols.md, Binance section):
+
+* REST ``GET /api/v3/exchangeInfo`` in the real shape, built from ``symbols``
+  plus one BREAK and one HALT symbol; errors in Binance's
+  ``{"code":..,"msg":..}`` shape (429 with ``Retry-After`` while
+  ``rest_failures`` lasts, ``rest_status_override``, 404 for unknown paths).
+* WebSocket ``/stream`` (and ``/ws``) with ``?streams=a/b`` or live
+  ``SUBSCRIBE``/``UNSUBSCRIBE``/``LIST_SUBSCRIPTIONS``; invalid requests get
+  ``{"code":2,"msg":"Invalid request: ...","id":N}``; at most 1024 streams.
+* Events wrapped as ``{"stream":..., "data":...}`` in the real ``trade`` and
+  ``24hrTicker`` shapes; only ``<sym>@trade`` and ``<sym>@ticker`` are fed,
+  other valid stream names are accepted and stay silent. Trade prices sit on
+  the symbol's tick; tickers carry 24 h figures built from the trades sent.
+* A server ping every ``ping_interval`` whose payload the client must echo
+  within ``pong_timeout``; more than ``max_client_msgs_per_sec`` client frames
+  (text, ping, pong) within 1 s closes the connection with 1008; both are
+  recorded in ``violations``. ``serverShutdown`` and the connection age limit.
+
+Modes, recording and faults (``drop_all``, ``go_silent``) come from
+:class:`~mdlogger.fakes.base.FakeExchange`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
+from typing import Callable
 
 from .base import FakeExchange, SymbolState, now_ms
-from .wsserver import WsConn
+from .wsserver import OP_PONG, OP_TEXT, ConnectionClosed, WsConn, frame_header
 
 MAX_STREAMS = 1024
-CHANNELS = {"trade": "trades", "ticker": "ticker"}
+CHANNELS = {"trade": "trades", "ticker": "ticker"}  # stream kinds that are fed -> base channel names
+# Stream kinds accepted (case as Binance spells them); anything but trade/ticker stays silent.
+_KIND = re.compile(
+    r"^(trade|aggTrade|ticker|miniTicker|bookTicker|avgPrice"
+    r"|depth(5|10|20)?(@100ms|@1000ms)?|kline_(1s|1m|3m|5m|15m|30m|1h|2h|4h|6h|8h|12h|1d|3d|1w|1M)"
+    r"|ticker_(1h|4h|1d))$"
+)
+INACTIVE_SYMBOLS = (("OLD-BTC", "BREAK"), ("HALTED-USDT", "HALT"))
+DAY_MS = 86_400_000
+FIREHOSE_ROUND = 4000  # trade frames per sendall in firehose mode (fresh ids and times each time)
+FIREHOSE_PATH_SECS = 1.0  # how long one pre-built price path is reused before a new one
+
+
+def tick_size(price: float) -> float:
+    """A plausible PRICE_FILTER tick for a price: 0.01 from 10 up, five significant digits below."""
+    if price >= 10:
+        return 0.01
+    return max(1e-8, 10.0 ** (math.floor(math.log10(price)) - 4))
+
+
+class DayStats:
+    """Rolling-24 h figures of one symbol, from the trades the fake made."""
+
+    def __init__(self, st: SymbolState, tick: float):
+        self.open = self.high = self.low = max(tick, round(st.price / tick) * tick)
+        self.first_id = st.next_id
+        self.volume = self.quote_volume = 0.0
+        self.last_price = self.open
+
+    def add(self, price: float, qty: float) -> None:
+        self.last_price = price
+        self.high = max(self.high, price)
+        self.low = min(self.low, price)
+        self.volume += qty
+        self.quote_volume += price * qty
 
 
 class FakeBinance(FakeExchange):
+    """Fake Binance spot on loopback; see the module docstring."""
+
     name = "binance"
     default_symbols = ("BTC-USDT", "ETH-USDT", "BNB-BTC", "SOL-USDT", "DOGE-USDT")
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, ping_interval: float = 20.0,
                  pong_timeout: float = 60.0, max_client_msgs_per_sec: int = 5, max_connection_age: float = 86400.0,
-                 seed: int = 1, port: int = 0, record: bool | None = None):
+                 seed: int = 1, port: int = 0, record: bool | None = None,
+                 extra_exchange_info: Callable[[dict], None] | None = None):
         super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
         self.max_connection_age = max_connection_age
-        self.by_stream = {st.symbol.replace("-", "").lower(): st for st in self.symbols.values()}
+        self.extra_exchange_info = extra_exchange_info  # called with the exchangeInfo document to amend it
+        self.by_stream = {st.base.lower() + st.quote.lower(): st for st in self.symbols.values()}
+        self.ticks = {s: tick_size(st.price) for s, st in self.symbols.items()}
+        self.day = {s: DayStats(st, self.ticks[s]) for s, st in self.symbols.items()}
 
     # -- REST --------------------------------------------------------------------------
     def rest_routes(self) -> dict:
         return {"/api/v3/exchangeInfo": lambda query: (200, self.exchange_info())}
 
+    def on_http(self, method, path, query, headers):
+        """The base routing and fault injection, with error bodies in Binance's shape."""
+        status, extra, body = super().on_http(method, path, query, headers)
+        if status == 429:
+            body = _error_body(-1003, "Too many requests; current limit is 6000 request weight per 1 MINUTE.")
+        elif status == 404:
+            body = _error_body(-1, "Unknown path %s" % path)
+        elif status >= 400:
+            body = _error_body(-1000, "An unknown error occurred while processing the request.")
+        return status, extra, body
+
     def exchange_info(self) -> dict:
-        symbols = [self._symbol_doc(s, "TRADING") for s in self.symbols]
-        symbols.append(self._symbol_doc("OLD-BTC", "BREAK"))
-        symbols.append(self._symbol_doc("HALTED-USDT", "HALT"))
-        return {
+        """The exchangeInfo document: every fake symbol TRADING, plus a BREAK and a HALT one."""
+        symbols = [self._symbol_doc(s, "TRADING", self.ticks[s]) for s in self.symbols]
+        symbols += [self._symbol_doc(s, status, 0.01) for s, status in INACTIVE_SYMBOLS]
+        doc = {
             "timezone": "UTC",
             "serverTime": now_ms(),
             "rateLimits": [
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
                 {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
             ],
             "exchangeFilters": [],
             "symbols": symbols,
         }
+        if self.extra_exchange_info is not None:
+            self.extra_exchange_info(doc)
+        return doc
 
     @staticmethod
-    def _symbol_doc(symbol: str, status: str) -> dict:
+    def _symbol_doc(symbol: str, status: str, tick: float) -> dict:
         base, quote = symbol.split("-")
         return {
             "symbol": base + quote, "status": status, "baseAsset": base, "baseAssetPrecision": 8,
@@ -62,22 +133,25 @@ class FakeBinance(FakeExchange):
             "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET"], "icebergAllowed": True, "ocoAllowed": True,
             "isSpotTradingAllowed": True, "isMarginTradingAllowed": False,
             "filters": [
-                {"filterType": "PRICE_FILTER", "minPrice": "0.01000000", "maxPrice": "1000000.00000000", "tickSize": "0.01000000"},
+                {"filterType": "PRICE_FILTER", "minPrice": "%.8f" % tick, "maxPrice": "1000000.00000000",
+                 "tickSize": "%.8f" % tick},
                 {"filterType": "LOT_SIZE", "minQty": "0.00001000", "maxQty": "9000.00000000", "stepSize": "0.00001000"},
             ],
             "permissions": ["SPOT"],
         }
 
-    # -- WebSocket ----------------------------------------------------------------------
+    # -- WebSocket: subscriptions ------------------------------------------------------------
     def on_open(self, conn: WsConn) -> bool:
         if conn.path not in ("/stream", "/ws"):
             conn.close(1008, "unknown path")
             return False
         conn.state["streams"] = set()
         conn.state["subs"] = set()
-        streams = conn.query.get("streams")
-        if streams:
-            self._set_streams(conn, conn.state["streams"] | {s for s in streams.split("/") if s})
+        streams = {s for s in conn.query.get("streams", "").split("/") if s}
+        if len(streams) > MAX_STREAMS:
+            conn.close(1008, "too many streams")
+            return False
+        self._set_streams(conn, streams)
         return True
 
     def _set_streams(self, conn: WsConn, streams: set) -> None:
@@ -94,43 +168,80 @@ class FakeBinance(FakeExchange):
             req = json.loads(payload)
             method, rid = req["method"], req.get("id")
         except (ValueError, KeyError, TypeError):
-            self.send(conn, {"code": 2, "msg": "Invalid request: could not parse", "id": None})
+            self._invalid(conn, None, "could not parse request")
             return
         params = req.get("params") or []
-        streams = conn.state["streams"]
         if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            bad = [p for p in params if not self._valid_stream(p)] if isinstance(params, list) else [params]
-            if bad:
-                self.send(conn, {"code": 2, "msg": "Invalid request: invalid stream name %s" % bad[:1], "id": rid})
-                return
-            if method == "SUBSCRIBE":
-                if len(streams | set(params)) > MAX_STREAMS:
-                    self.send(conn, {"code": 2, "msg": "Invalid request: too many streams", "id": rid})
-                    return
-                self._set_streams(conn, streams | set(params))
-            else:
-                self._set_streams(conn, streams - set(params))
-            self.send(conn, {"result": None, "id": rid})
+            self._change_streams(conn, method, params, rid)
         elif method == "LIST_SUBSCRIPTIONS":
-            self.send(conn, {"result": sorted(streams), "id": rid})
+            self.send(conn, {"result": sorted(conn.state["streams"]), "id": rid})
         else:
-            self.send(conn, {"code": 2, "msg": "Invalid request: unknown method %s" % method, "id": rid})
+            self._invalid(conn, rid, "unknown method %s" % (method,))
 
-    def _valid_stream(self, name) -> bool:
-        if not isinstance(name, str) or name != name.lower() or "@" not in name:
+    def _change_streams(self, conn: WsConn, method: str, params, rid) -> None:
+        if not isinstance(params, list):
+            self._invalid(conn, rid, "params must be a list of stream names")
+            return
+        bad = [p for p in params if not self.valid_stream(p)]
+        if bad:
+            self._invalid(conn, rid, "invalid stream name %s" % (bad[0],))
+            return
+        streams = conn.state["streams"]
+        if method == "UNSUBSCRIBE":
+            self._set_streams(conn, streams - set(params))
+        elif len(streams | set(params)) > MAX_STREAMS:
+            self._invalid(conn, rid, "too many streams (max %d)" % MAX_STREAMS)
+            return
+        else:
+            self._set_streams(conn, streams | set(params))
+        self.send(conn, {"result": None, "id": rid})
+
+    def _invalid(self, conn: WsConn, rid, what: str) -> None:
+        error = {"code": 2, "msg": "Invalid request: " + what, "id": rid}
+        self.errors_sent.append(error)
+        self.send(conn, error)
+
+    def valid_stream(self, name) -> bool:
+        """``<known lowercase symbol>@<known kind>``: what Binance would accept."""
+        if not isinstance(name, str):
             return False
         sym, _, kind = name.partition("@")
-        return sym in self.by_stream and kind in ("trade", "ticker", "aggtrade", "bookticker", "depth")
+        return sym in self.by_stream and bool(_KIND.match(kind))
 
     def subscribed_streams(self) -> set[str]:
+        """Every stream some open connection is subscribed to."""
         out = set()
         for conn in self.open_connections():
             out |= conn.state.get("streams", set())
         return out
 
+    def connections_info(self) -> dict:
+        """What the connections did: counts, and per WebSocket its streams and pongs."""
+        with self.conns_lock:
+            conns = list(self.conns)
+        return {
+            "accepted": self.accepted,
+            "open": sum(1 for c in conns if not c.closed),
+            "connections": [
+                {
+                    "path": c.path,
+                    "open": not c.closed,
+                    "age": time.monotonic() - c.opened,
+                    "streams": sorted(c.state.get("streams", ())),
+                    "pongs": [p for _, op, p in list(c.received) if op == OP_PONG],
+                    "close_code": c.close_code,
+                }
+                for c in conns
+            ],
+        }
+
     # -- events ---------------------------------------------------------------------------
     def make_trade(self, st: SymbolState, **fields) -> dict:
+        """The next trade of a symbol (random walk, price on its tick); ``fields`` override."""
         tid, px, qty, bought = st.step()
+        tick = self.ticks[st.symbol]
+        px = max(tick, round(px / tick) * tick)
+        self.day[st.symbol].add(px, qty)
         ms = now_ms()
         data = {"e": "trade", "E": ms, "s": st.base + st.quote, "t": tid, "p": "%.8f" % px, "q": "%.8f" % qty,
                 "T": ms, "m": not bought, "M": True}
@@ -138,14 +249,20 @@ class FakeBinance(FakeExchange):
         return data
 
     def make_ticker(self, st: SymbolState, **fields) -> dict:
+        """A 24hrTicker consistent with the last trade made; ``fields`` override."""
         ms = now_ms()
-        px = st.price
+        day = self.day[st.symbol]
+        tick = self.ticks[st.symbol]
+        last = day.last_price
+        change = last - day.open
         data = {
-            "e": "24hrTicker", "E": ms, "s": st.base + st.quote, "p": "0.00000000", "P": "0.000", "w": "%.8f" % px,
-            "x": "%.8f" % px, "c": "%.8f" % px, "Q": "%.8f" % st.last_qty,
-            "b": "%.8f" % (px * 0.9999), "B": "1.00000000", "a": "%.8f" % (px * 1.0001), "A": "1.00000000",
-            "o": "%.8f" % px, "h": "%.8f" % (px * 1.01), "l": "%.8f" % (px * 0.99), "v": "1000.00000000",
-            "q": "%.8f" % (px * 1000), "O": ms - 86400000, "C": ms, "F": 1, "L": st.next_id - 1, "n": st.count,
+            "e": "24hrTicker", "E": ms, "s": st.base + st.quote, "p": "%.8f" % change,
+            "P": "%.3f" % (100.0 * change / day.open), "w": "%.8f" % (day.quote_volume / day.volume if day.volume else last),
+            "x": "%.8f" % day.open, "c": "%.8f" % last, "Q": "%.8f" % st.last_qty,
+            "b": "%.8f" % (last - tick), "B": "1.25000000", "a": "%.8f" % (last + tick), "A": "0.75000000",
+            "o": "%.8f" % day.open, "h": "%.8f" % day.high, "l": "%.8f" % day.low, "v": "%.8f" % day.volume,
+            "q": "%.8f" % day.quote_volume, "O": ms - DAY_MS, "C": ms, "F": day.first_id, "L": st.next_id - 1,
+            "n": st.next_id - day.first_id,
         }
         data.update(fields)
         return data
@@ -160,8 +277,51 @@ class FakeBinance(FakeExchange):
             return None
         return '{"stream":"%s@ticker","data":%s}' % (event["s"].lower(), json.dumps(event, separators=(",", ":")))
 
+    # -- firehose ----------------------------------------------------------------------------
+    def _firehose(self, conn: WsConn) -> None:
+        """Trade frames as fast as the socket takes them: consecutive ids, current times.
+
+        Prices come from a path pre-built every FIREHOSE_PATH_SECS; each round
+        only patches ids and times into the pre-encoded pieces (C-level joins),
+        so a round of FIREHOSE_ROUND frames costs about a millisecond.
+        """
+        hose, key = None, None
+        while not conn.closed and not self._stopping.is_set():
+            if self.silent():
+                time.sleep(0.05)
+                continue
+            states = [st for st in self.symbols.values() if self.wants(conn, st, "trades")]
+            if not states:
+                time.sleep(0.01)
+                continue
+            names = tuple(st.symbol for st in states)
+            if names != key or hose.age() > FIREHOSE_PATH_SECS:
+                key = names
+                with self.lock:
+                    hose = FirehosePath(self, states)
+            with self.lock:
+                blob, first_ids = hose.next_round()
+            try:
+                conn.send_frames(blob)
+            except ConnectionClosed:
+                return
+            with self.lock:
+                hose.sent(first_ids)
+
+    def _walk(self, st: SymbolState) -> tuple[str, str, bool]:
+        """Move a symbol's price one trade without using a trade id: (price, qty, taker bought)."""
+        st.price *= 1.0 + st.rng.gauss(0, 0.0002)
+        qty = round(st.rng.expovariate(1.0) * 0.5 + 0.0001, 5)
+        tick = self.ticks[st.symbol]
+        px = max(tick, round(st.price / tick) * tick)
+        st.last_qty = qty
+        self.day[st.symbol].add(px, qty)
+        return "%.8f" % px, "%.8f" % qty, st.rng.random() < 0.5
+
     # -- keepalive, age limit, faults ---------------------------------------------------------
     def on_clock(self, conn: WsConn, now: float) -> None:
+        if "pings" not in conn.state:  # registered, but on_ws has not set it up yet
+            return
         if now - conn.opened > self.max_connection_age:
             conn.close(1000, "connection age limit")
             return
@@ -179,9 +339,98 @@ class FakeBinance(FakeExchange):
     def send_server_shutdown(self, close_after: float = 0.2) -> None:
         """Announce a shutdown on every open connection, then close those (not newer ones)."""
         doomed = self.open_connections()
-        notice = json.dumps({"stream": "!serverShutdown", "data": {"e": "serverShutdown", "E": now_ms()}})
+        notice = json.dumps({"stream": "!serverShutdown", "data": {"e": "serverShutdown", "E": now_ms()}},
+                            separators=(",", ":"))
         for conn in doomed:
             self.send(conn, notice)
         time.sleep(close_after)
         for conn in doomed:
             conn.close(1001, "server shutdown")
+
+
+def _error_body(code: int, msg: str) -> bytes:
+    return json.dumps({"code": code, "msg": msg}).encode()
+
+
+class FirehosePath:
+    """Pre-encoded firehose frames for one connection's symbols, ids and times patched in per round.
+
+    Each frame is 8 pieces: header, stream+``"E":``, E, ``"s"``+``"t":``, id,
+    price/qty+``"T":``, T, ``"m"``+``"M"``; a round fills the id and time slots
+    with extended-slice assignments and joins the list.
+    """
+
+    K = 8  # pieces per frame
+
+    def __init__(self, fake: FakeBinance, states: list):
+        self.fake = fake
+        self.states = states
+        self.made = time.monotonic()
+        self.per = max(1, FIREHOSE_ROUND // len(states))
+        self.n = self.per * len(states)
+        self.pieces: list = [b""] * (self.n * self.K)
+        self.static_len: list[int] = []
+        self.static: list[tuple[str, str, bool]] = []  # (price, qty, bought) per frame, for recording
+        self._headers: dict = {}
+        self.round_ms = 0
+        for _ in range(self.per):
+            for st in states:
+                self._add_frame(st)
+
+    def age(self) -> float:
+        return time.monotonic() - self.made
+
+    def _add_frame(self, st: SymbolState) -> None:
+        j = len(self.static)
+        price, qty, bought = self.fake._walk(st)
+        stream = st.base.lower() + st.quote.lower()
+        parts = (
+            b'{"stream":"%s@trade","data":{"e":"trade","E":' % stream.encode(),
+            b',"s":"%s","t":' % (st.base + st.quote).encode(),
+            b',"p":"%s","q":"%s","T":' % (price.encode(), qty.encode()),
+            b',"m":%s,"M":true}}' % (b"false" if bought else b"true"),
+        )
+        self.pieces[j * self.K + 1], self.pieces[j * self.K + 3] = parts[0], parts[1]
+        self.pieces[j * self.K + 5], self.pieces[j * self.K + 7] = parts[2], parts[3]
+        self.static_len.append(sum(map(len, parts)))
+        self.static.append((price, qty, bought))
+
+    def _header_list(self, id_width: int, ms_width: int) -> list[bytes]:
+        key = (id_width, ms_width)
+        if key not in self._headers:
+            self._headers[key] = [frame_header(OP_TEXT, n + id_width + 2 * ms_width) for n in self.static_len]
+        return self._headers[key]
+
+    def next_round(self) -> tuple[bytes, list[int]]:
+        """The next FIREHOSE_ROUND frames as one blob, and each symbol's first id in it (ids taken)."""
+        k, s, per = self.K, len(self.states), self.per
+        self.round_ms = now_ms()
+        ms = b"%d" % self.round_ms
+        first_ids, widths = [], set()
+        for si, st in enumerate(self.states):
+            ids = [b"%d" % i for i in range(st.next_id, st.next_id + per)]
+            first_ids.append(st.next_id)
+            st.next_id += per
+            st.count += per
+            widths.update((len(ids[0]), len(ids[-1])))
+            self.pieces[si * k + 4::s * k] = ids
+        self.pieces[2::k] = self.pieces[6::k] = [ms] * self.n
+        if len(widths) == 1:
+            self.pieces[0::k] = self._header_list(widths.pop(), len(ms))
+        else:  # ids cross a power of ten within this round
+            self.pieces[0::k] = [frame_header(OP_TEXT, self.static_len[j] + len(self.pieces[j * k + 4]) + 2 * len(ms))
+                                 for j in range(self.n)]
+        return b"".join(self.pieces), first_ids
+
+    def sent(self, first_ids: list[int]) -> None:
+        """Count (and, if the fake records, record) a round that reached the socket."""
+        fake = self.fake
+        for st in self.states:
+            fake.sent_counts[st.symbol] += self.per
+        if not fake.record:
+            return
+        ms, s = self.round_ms, len(self.states)
+        for j, (price, qty, bought) in enumerate(self.static):
+            st = self.states[j % s]
+            fake.sent_trades.append({"e": "trade", "E": ms, "s": st.base + st.quote, "t": first_ids[j % s] + j // s,
+                                     "p": price, "q": qty, "T": ms, "m": not bought, "M": True})

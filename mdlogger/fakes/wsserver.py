@@ -1,62 +1,116 @@
 """A small HTTP + RFC 6455 WebSocket server for loopback fake exchanges.
 
-Standard library only. One thread accepts, one thread per connection reads;
-sends from any thread are serialized per connection. A fake exchange
-subclasses :class:`FakeServer` and implements ``on_http`` and ``on_ws``.
-Server frames are not masked; client frames are, and are unmasked here.
-Every client frame is recorded with its arrival time so fakes can enforce
-the exchange's message-rate limits and check pong payloads.
+Standard library only, nothing exchange-specific. Design:
+
+* :class:`FakeServer` binds 127.0.0.1 (port 0 = ephemeral), accepts in one
+  daemon thread and serves each connection in its own daemon thread. It reads
+  one HTTP request head; a WebSocket upgrade gets ``101`` plus a
+  :class:`WsConn` handed to the ``on_ws(conn)`` hook (the request path and
+  query are ``conn.path`` / ``conn.query``), anything else goes to
+  ``on_http(method, path, query, headers) -> (status, headers, body)`` and is
+  answered with a ``Connection: close`` HTTP/1.1 response.
+* :class:`WsConn` is the server side of one WebSocket. Sends from any thread
+  are serialized by a per-connection lock and written with one ``sendall``;
+  :func:`encode_frame` lets a fake pre-encode thousands of frames into one
+  blob for firehose rates. Server frames are never masked.
+* ``WsConn.recv`` unmasks client frames (unmasked client frames are a
+  protocol error, 1002), joins fragmented messages, answers pings with pongs
+  (unless the server is ``silent()``), answers a close with a close, and
+  records every client frame, control frames included, with its monotonic
+  arrival time in ``conn.received`` so fakes can enforce message-rate limits
+  and check pong payloads.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http
 import select
 import socket
 import struct
 import threading
 import time
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+MAX_MESSAGE = 16 << 20  # largest client message accepted (close 1009 beyond)
+MAX_REQUEST_HEAD = 65536
 _H2 = struct.Struct("!BB")
 _H4 = struct.Struct("!BBH")
 _H10 = struct.Struct("!BBQ")
 
 
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, unmasked server frame."""
-    n = len(payload)
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of one final, unmasked server frame of ``length`` payload bytes."""
     b1 = 0x80 | opcode
-    if n < 126:
-        return _H2.pack(b1, n) + payload
-    if n < 1 << 16:
-        return _H4.pack(b1, 126, n) + payload
-    return _H10.pack(b1, 127, n) + payload
+    if length < 126:
+        return _H2.pack(b1, length)
+    if length < 1 << 16:
+        return _H4.pack(b1, 126, length)
+    return _H10.pack(b1, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked server frame (7-, 16- or 64-bit length)."""
+    return frame_header(opcode, len(payload)) + payload
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR a client payload with its 4-byte mask (as one big integer: fast in CPython)."""
+    n = len(payload)
+    if not n:
+        return payload
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+
+
+def accept_key(sec_websocket_key: str) -> bytes:
+    """The ``Sec-WebSocket-Accept`` value for a client's ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(sec_websocket_key.encode() + GUID).digest())
 
 
 class ConnectionClosed(Exception):
-    pass
+    """The WebSocket is closed (by either side) or its socket failed."""
+
+
+class ProtocolError(ConnectionClosed):
+    """The client broke RFC 6455; the connection was closed with ``code``."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__("%d %s" % (code, reason))
+        self.code = code
+        self.reason = reason
 
 
 class WsConn:
-    """The server side of one WebSocket connection."""
+    """The server side of one WebSocket connection.
 
-    def __init__(self, sock: socket.socket, path: str, query: dict):
+    ``state`` is free for the fake's own per-connection data; ``received`` holds
+    ``(monotonic, opcode, payload)`` for every client frame; ``quiet`` is a
+    callable telling whether automatic pongs are suppressed right now.
+    """
+
+    def __init__(self, sock: socket.socket, path: str, query: dict, quiet: Callable[[], bool] | None = None):
         self.sock = sock
         self.path = path
         self.query = query
+        self.quiet = quiet or (lambda: False)
         self.opened = time.monotonic()
         self.lock = threading.Lock()
         self.closed = False
-        self.received: list[tuple[float, int, bytes]] = []  # (monotonic, opcode, payload)
-        self.state: dict = {}  # for the fake's own per-connection data
+        self.close_code: int | None = None  # the code of the close frame we sent, if any
+        self.received: list[tuple[float, int, bytes]] = []
+        self.state: dict = {}
         self._buf = b""
+        self._partial: tuple[int, list[bytes]] | None = None  # (opcode, fragments) of a message in progress
 
     # -- sending --------------------------------------------------------------
     def send_frames(self, data: bytes) -> None:
+        """Write pre-encoded frames with one ``sendall``; ConnectionClosed if the socket is gone."""
         with self.lock:
             if self.closed:
                 raise ConnectionClosed()
@@ -67,16 +121,25 @@ class WsConn:
                 raise ConnectionClosed() from exc
 
     def send_text(self, text) -> None:
+        """One text frame (``str`` is UTF-8 encoded, ``bytes`` sent as they are)."""
         if isinstance(text, str):
             text = text.encode()
         self.send_frames(encode_frame(OP_TEXT, text))
 
     def send_ping(self, payload: bytes) -> None:
+        """One ping frame (payload at most 125 bytes)."""
         self.send_frames(encode_frame(OP_PING, payload))
 
+    def send_pong(self, payload: bytes) -> None:
+        """One pong frame."""
+        self.send_frames(encode_frame(OP_PONG, payload))
+
     def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send a close frame (if still possible), then drop the TCP connection."""
+        if self.close_code is None:
+            self.close_code = code
         try:
-            self.send_frames(encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()))
+            self.send_frames(encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123]))
         except ConnectionClosed:
             pass
         self.abort()
@@ -98,7 +161,10 @@ class WsConn:
     def _read(self, n: int, timeout: float | None) -> bytes:
         while len(self._buf) < n:
             if timeout is not None:
-                ready, _, _ = select.select([self.sock], [], [], timeout)
+                try:
+                    ready, _, _ = select.select([self.sock], [], [], timeout)
+                except (OSError, ValueError) as exc:  # closed socket: fileno -1
+                    raise ConnectionClosed() from exc
                 if not ready:
                     raise TimeoutError()
             try:
@@ -111,28 +177,74 @@ class WsConn:
         out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
-    def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
-        """The next client frame ``(opcode, payload)``; TimeoutError if none arrives."""
+    def _fail(self, code: int, reason: str) -> ProtocolError:
+        self.close(code, reason)
+        return ProtocolError(code, reason)
+
+    def _read_frame(self, timeout: float | None) -> tuple[bool, int, bytes]:
+        """One client frame: (fin, opcode, unmasked payload), recorded in ``received``."""
         b1, b2 = self._read(2, timeout)
-        opcode = b1 & 0x0F
-        n = b2 & 0x7F
+        fin, opcode, n = bool(b1 & 0x80), b1 & 0x0F, b2 & 0x7F
+        if not b2 & 0x80:
+            raise self._fail(1002, "client frames must be masked")
+        if b1 & 0x70:
+            raise self._fail(1002, "reserved bits set")
+        if opcode in CONTROL_OPCODES and (n > 125 or not fin):
+            raise self._fail(1002, "bad control frame")
         if n == 126:
             n = struct.unpack("!H", self._read(2, None))[0]
         elif n == 127:
             n = struct.unpack("!Q", self._read(8, None))[0]
-        mask = self._read(4, None) if b2 & 0x80 else b""
-        payload = self._read(n, None) if n else b""
-        if mask:
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if n > MAX_MESSAGE:
+            raise self._fail(1009, "message too big")
+        mask = self._read(4, None)
+        payload = unmask(self._read(n, None), mask) if n else b""
         self.received.append((time.monotonic(), opcode, payload))
-        if opcode == OP_CLOSE:
-            self.close(struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000)
-            raise ConnectionClosed()
-        return opcode, payload
+        return fin, opcode, payload
+
+    def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The next client message or control frame ``(opcode, payload)``.
+
+        Fragments are joined (the first frame's opcode is returned). Pings are
+        answered automatically and returned too. A close frame is answered and
+        raises ConnectionClosed. TimeoutError if nothing starts arriving within
+        ``timeout`` seconds (None waits forever).
+        """
+        while True:
+            fin, opcode, payload = self._read_frame(timeout if self._partial is None else None)
+            if opcode == OP_CLOSE:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
+                self.close(code)
+                raise ConnectionClosed()
+            if opcode in CONTROL_OPCODES:
+                if opcode == OP_PING and not self.quiet():
+                    self.send_pong(payload)
+                return opcode, payload
+            message = self._assemble(fin, opcode, payload)
+            if message is not None:
+                return message
+
+    def _assemble(self, fin: bool, opcode: int, payload: bytes) -> tuple[int, bytes] | None:
+        """Join data frames into a message; None while fragments are still due."""
+        if (opcode == OP_CONT) != (self._partial is not None):
+            raise self._fail(1002, "unexpected continuation frame" if opcode == OP_CONT else "expected continuation")
+        if self._partial is None:
+            if fin:
+                return opcode, payload
+            self._partial = (opcode, [payload])
+            return None
+        first_opcode, parts = self._partial
+        parts.append(payload)
+        if sum(map(len, parts)) > MAX_MESSAGE:
+            raise self._fail(1009, "message too big")
+        if not fin:
+            return None
+        self._partial = None
+        return first_opcode, b"".join(parts)
 
 
 class FakeServer:
-    """Accept loop plus hooks. Subclasses implement ``on_http`` and ``on_ws``."""
+    """Listener, accept loop and per-connection threads. Subclasses implement ``on_http`` and ``on_ws``."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1"):
         self.host = host
@@ -141,31 +253,38 @@ class FakeServer:
         self._listener.bind((host, port))
         self._listener.listen(128)
         self.port = self._listener.getsockname()[1]
-        self.conns: list[WsConn] = []
+        self.conns: list[WsConn] = []  # every WebSocket ever accepted, open or not
         self.conns_lock = threading.Lock()
-        self.accepted = 0
+        self.accepted = 0  # TCP connections accepted (HTTP and WebSocket)
         self._threads: list[threading.Thread] = []
+        self._threads_lock = threading.Lock()
         self._stopping = threading.Event()
 
     @property
     def url_ws(self) -> str:
+        """``ws://127.0.0.1:<port>`` (no path)."""
         return "ws://%s:%d" % (self.host, self.port)
 
     @property
     def url_http(self) -> str:
+        """``http://127.0.0.1:<port>`` (no path)."""
         return "http://%s:%d" % (self.host, self.port)
 
     def start(self) -> "FakeServer":
+        """Start accepting; returns self."""
         self._spawn(self._accept_loop, "fake-accept")
         return self
 
     def _spawn(self, target, name: str, *args) -> threading.Thread:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
-        self._threads.append(t)
+        with self._threads_lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
         return t
 
     def stop(self) -> None:
+        """Close the listener and every connection, join the threads. Idempotent."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -179,7 +298,9 @@ class FakeServer:
             pass
         for conn in self.open_connections():
             conn.abort()
-        for t in self._threads:
+        with self._threads_lock:
+            threads = list(self._threads)
+        for t in threads:
             if t is not threading.current_thread():
                 t.join(2.0)
 
@@ -190,8 +311,13 @@ class FakeServer:
         self.stop()
 
     def open_connections(self) -> list[WsConn]:
+        """The WebSocket connections not closed yet."""
         with self.conns_lock:
             return [c for c in self.conns if not c.closed]
+
+    def silent(self) -> bool:
+        """Whether the server sends nothing at all right now (automatic pongs included)."""
+        return False
 
     # -- plumbing --------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -207,9 +333,8 @@ class FakeServer:
     def _serve(self, sock: socket.socket) -> None:
         try:
             request = self._read_request(sock)
-        except (OSError, ValueError):
-            sock.close()
-            return
+        except (OSError, ValueError, UnicodeDecodeError):
+            request = None
         if request is None:
             sock.close()
             return
@@ -217,32 +342,42 @@ class FakeServer:
         parts = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         if headers.get("upgrade", "").lower() == "websocket" and "sec-websocket-key" in headers:
-            accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + GUID).digest())
+            self._serve_ws(sock, parts.path, query, headers["sec-websocket-key"])
+        else:
+            self._serve_http(sock, method, parts.path, query, headers)
+
+    def _serve_ws(self, sock: socket.socket, path: str, query: dict, key: str) -> None:
+        try:
             sock.sendall(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                b"Sec-WebSocket-Accept: " + accept_key(key) + b"\r\n\r\n"
             )
-            conn = WsConn(sock, parts.path, query)
-            with self.conns_lock:
-                self.conns.append(conn)
-            try:
-                self.on_ws(conn)
-            except ConnectionClosed:
-                pass
-            finally:
-                conn.abort()
+        except OSError:
+            sock.close()
             return
-        status, extra, body = self.on_http(method, parts.path, query, headers)
-        head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (status, _REASONS.get(status, "OK"), len(body))
+        conn = WsConn(sock, path, query, quiet=self.silent)
+        with self.conns_lock:
+            self.conns.append(conn)
+        try:
+            self.on_ws(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.abort()
+
+    def _serve_http(self, sock: socket.socket, method: str, path: str, query: dict, headers: dict) -> None:
+        status, extra, body = self.on_http(method, path, query, headers)
+        head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (status, _reason(status), len(body))
         head += "".join("%s: %s\r\n" % kv for kv in extra.items())
         try:
-            sock.sendall(head.encode() + b"\r\n" + body)
+            sock.sendall(head.encode("latin-1") + b"\r\n" + (body if method != "HEAD" else b""))
         except OSError:
             pass
         sock.close()
 
     @staticmethod
     def _read_request(sock: socket.socket):
+        """``(method, target, headers)`` from a request head (lower-case header names), None on EOF."""
         sock.settimeout(10)
         data = b""
         while b"\r\n\r\n" not in data:
@@ -250,7 +385,7 @@ class FakeServer:
             if not chunk:
                 return None
             data += chunk
-            if len(data) > 65536:
+            if len(data) > MAX_REQUEST_HEAD:
                 raise ValueError("request head too large")
         sock.settimeout(None)
         head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
@@ -263,11 +398,17 @@ class FakeServer:
 
     # -- hooks --------------------------------------------------------------------------
     def on_http(self, method: str, path: str, query: dict, headers: dict) -> tuple[int, dict, bytes]:
+        """Answer a plain HTTP request: ``(status, headers, body)``."""
         return 404, {"Content-Type": "text/plain"}, b"not found"
 
     def on_ws(self, conn: WsConn) -> None:
+        """Serve one WebSocket until it ends (raising ConnectionClosed is fine)."""
         while True:
             conn.recv()
 
 
-_REASONS = {200: "OK", 404: "Not Found", 418: "I'm a teapot", 429: "Too Many Requests", 500: "Internal Server Error"}
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
