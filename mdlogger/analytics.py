@@ -133,6 +133,13 @@ class Analytics:
         self.symbols: dict[tuple[str, str], SymbolStats] = {}
         self.lock = threading.Lock()
 
+    def set_thresholds(self, large_notional: float, large_median_multiple: float, per_symbol_notional: dict) -> None:
+        """New large-trade thresholds (a configuration reload); they apply to trades from now on."""
+        with self.lock:
+            self.large_notional = large_notional
+            self.large_median_multiple = large_median_multiple
+            self.per_symbol_notional = dict(per_symbol_notional)
+
     def is_large(self, key: tuple[str, str], stats: SymbolStats, price: float, size: float) -> bool:
         threshold = self.per_symbol_notional.get("%s:%s" % key, self.large_notional)
         if threshold and price * size >= threshold:
@@ -293,11 +300,16 @@ def read_trade_columns(data_path: str, key: TableKey, start: int, stop: int):
     return values
 
 
-def engine_from_settings(settings) -> Analytics:
+def thresholds_from_settings(settings) -> tuple[float, float, dict]:
+    """``(global notional, median multiple, {"exchange:SYMBOL": notional})`` from the settings."""
     lg = settings.logger
     per_symbol = {}
     for x in settings.exchanges:
         for symbol, notional in dict(x.large_trade_notional).items():
             per_symbol["%s:%s" % (x.name, symbol)] = notional
-    return Analytics(lg.analytics_interval_secs, lg.large_trade_notional, lg.large_trade_median_multiple, per_symbol)
+    return lg.large_trade_notional, lg.large_trade_median_multiple, per_symbol
+
+
+def engine_from_settings(settings) -> Analytics:
+    return Analytics(settings.logger.analytics_interval_secs, *thresholds_from_settings(settings))
 

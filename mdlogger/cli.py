@@ -79,20 +79,28 @@ def run(ctx: click.Context, exchanges: str | None, data_path: str | None, health
             overrides["logger.data_path"] = data_path
         if health_port is not None:
             overrides["logger.health_check_port"] = health_port
-        settings = load_settings(_config_path(ctx.obj["config"]), os.environ, overrides)
+        path = _config_path(ctx.obj["config"])
+        settings = load_settings(path, os.environ, overrides)
     except ConfigError as exc:
         _fail_config(exc)
-    sys.exit(_run_supervisor(settings, ctx.obj["debug"]))
+    sys.exit(_run_supervisor(settings, ctx.obj["debug"], _reloader(path, os.environ, overrides)))
 
 
-def _run_supervisor(settings, debug: bool) -> int:
+def _reloader(path: str | None, env, overrides: dict):
+    """What SIGHUP runs: the same sources read again (the data path and port are in use by now, not checked)."""
+    if path is None:
+        return None
+    return lambda: load_settings(path, env, overrides, check_resources=False)
+
+
+def _run_supervisor(settings, debug: bool, reload_settings=None) -> int:
     from .logs import configure_root
     from .notify import systemd_notifier
     from .supervisor import Supervisor
 
     level = logging.DEBUG if debug else getattr(logging, settings.logger.log_level, logging.INFO)
     configure_root(level)
-    supervisor = Supervisor(settings, log_level=level)
+    supervisor = Supervisor(settings, log_level=level, reload_settings=reload_settings)
     supervisor.notify = systemd_notifier()
     return supervisor.run()
 
@@ -201,7 +209,7 @@ def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode
             _fail_config(exc)
         click.echo("demo: simulated %s on loopback; data in %s; try: curl -s 127.0.0.1:%d/health"
                    % (", ".join(names), os.path.abspath(data_path), health_port), err=True)
-        code = _run_supervisor(settings, ctx.obj["debug"])
+        code = _run_supervisor(settings, ctx.obj["debug"], _reloader(path, {}, {}))
     finally:
         for fake in fakes.values():
             fake.stop()

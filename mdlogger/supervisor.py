@@ -4,7 +4,8 @@
 
                           +------------------- supervisor process -------------------+
      SIGTERM/INT/HUP ---> | signal handlers only record (+ wakeup fd)                 |
-                          | main loop: signals -> discovery results -> reap ->        |
+                          | main loop: signals (stop, reload) -> discovery results -> |
+                          |            reap -> hand retired pipes to the writer ->    |
                           |            heartbeats -> start due slots -> publish view  |
                           | threads (never fork, never kill):                         |
                           |   log receiver   discovery (REST, one per exchange)       |
@@ -30,6 +31,15 @@ shared counter block). Each slot (shard) and the writer have a state machine:
 Backoff is capped and jittered and never gives up on anything but FATAL.
 A worker whose heartbeat stops is SIGKILLed and restarted. Shutdown goes in
 order: workers first, then the writer drains every pipe, flushes and fsyncs.
+
+SIGHUP re-reads the configuration (mdlogger.reload decides what changed).
+A refused file changes nothing. Shards no longer wanted are retired:
+
+    any --(reload drops the shard)--> RETIRING --(exit)--> RETIRED --> removed
+    (SIGTERM; the worker hands its last batches to its pipe, then the writer
+     reads that pipe dry before the slot is forgotten)
+
+Shards whose symbols and connection settings did not change keep running.
 """
 
 from __future__ import annotations
@@ -47,13 +57,14 @@ import time
 from dataclasses import dataclass, field
 
 from . import transport
-from .analytics import AnalyticsThread, engine_from_settings
+from .analytics import AnalyticsThread, engine_from_settings, thresholds_from_settings
 from .backoff import Backoff
 from .exchanges import adapter_for
-from .exchanges.base import SymbolInfo, resolve_symbols, split_shards
+from .exchanges.base import SymbolInfo, reshard, resolve_symbols, split_shards
 from .logs import LogReceiver
+from .reload import plan_reload
 from .rest import RestClient, RestError
-from .settings import Settings
+from .settings import ConfigError, Settings
 from .stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
 from .worker import EXIT_FATAL, WorkerSpec, worker_main
 from .writer import writer_main
@@ -61,6 +72,7 @@ from .writer import writer_main
 log = logging.getLogger("mdlogger.supervisor")
 
 STARTING, RUNNING, BACKOFF, FATAL, STOPPED = "starting", "running", "backoff", "fatal", "stopped"
+RETIRING, RETIRED = "retiring", "retired"  # a reload dropped the shard: stopping, then gone for good
 START_SECS = 1.0
 LOOP_SECS = 0.25
 PRELOAD = ["mdlogger.worker", "mdlogger.writer", "websocket", "orjson"]
@@ -104,9 +116,18 @@ class ProcessState:
             self.backoff.reset()
             self.backoff_reset = True
 
+    def retire(self, alive: bool) -> None:
+        """Any state -> RETIRING (the process is still to stop) or RETIRED: never started again."""
+        self.state = RETIRING if alive else RETIRED
+        self.reason = "retired by a configuration reload"
+
     def on_exit(self, code: int | None, now: float, fatal_code: int | None = EXIT_FATAL) -> float:
-        """Record an exit; returns the delay before the next start (inf when FATAL)."""
+        """Record an exit; returns the delay before the next start (inf when FATAL or retired)."""
         self.last_exit = code
+        if self.state == RETIRING:
+            # RETIRING -> RETIRED
+            self.state = RETIRED
+            return float("inf")
         if fatal_code is not None and code == fatal_code:
             # STARTING/RUNNING -> FATAL
             self.state = FATAL
@@ -144,6 +165,7 @@ class Slot:
     note: Note  # symbols the exchange refused on this shard
     process: multiprocessing.process.BaseProcess | None = None
     killed_for: str = ""
+    retire_by: float = 0.0  # monotonic; a retiring worker still alive then is killed
 
 
 @dataclass
@@ -154,14 +176,18 @@ class ExchangeStatus:
     symbols: int = 0
     uncovered: list[str] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
+    generation: int = 0  # discovery results of an older generation (before a reload) are ignored
+    replace_shards: bool = False  # the next plan replaces every shard instead of keeping unchanged ones
+    discovery_stop: threading.Event = field(default_factory=threading.Event)
 
 
 class DiscoveryThread(threading.Thread):
     """Fetch one exchange's symbols over REST, retrying until it works or we stop."""
 
-    def __init__(self, settings, results: queue.Queue, wake, stop: threading.Event):
+    def __init__(self, settings, generation: int, results: queue.Queue, wake, stop: threading.Event):
         super().__init__(name="discover-" + settings.name, daemon=True)
         self.xsettings = settings
+        self.generation = generation
         self.results = results
         self.wake = wake
         self.stop_event = stop
@@ -177,11 +203,11 @@ class DiscoveryThread(threading.Thread):
                 except (RestError, ValueError, TypeError, AttributeError) as exc:
                     delay = backoff.next_delay()
                     log.error("%s: symbol discovery failed: %s; retrying in %.1f s", self.xsettings.name, exc, delay)
-                    self.results.put((self.xsettings.name, None, str(exc)))
+                    self.results.put((self.xsettings.name, self.generation, None, str(exc)))
                     self.wake()
                     self.stop_event.wait(delay)
                     continue
-                self.results.put((self.xsettings.name, listed, ""))
+                self.results.put((self.xsettings.name, self.generation, listed, ""))
                 self.wake()
                 return
         finally:
@@ -189,8 +215,9 @@ class DiscoveryThread(threading.Thread):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, log_level: int = logging.INFO):
+    def __init__(self, settings: Settings, log_level: int = logging.INFO, reload_settings=None):
         self.settings = settings
+        self.reload_settings = reload_settings  # () -> Settings, re-reading the configuration (SIGHUP)
         self.log_level = log_level
         self.ctx = multiprocessing.get_context("forkserver")
         self.slots: dict[int, Slot] = {}
@@ -205,7 +232,7 @@ class Supervisor:
         self.stopping = False
         self.signals: list[int] = []
         self.discovered: queue.Queue = queue.Queue()
-        self.discovery_stop = threading.Event()
+        self.stop_threads = threading.Event()
         self.view: dict = {"slots": (), "writer": {}, "exchanges": {}}
         self.analytics = engine_from_settings(settings)
         self.health_server = None
@@ -249,10 +276,10 @@ class Supervisor:
         self.log_receiver.start()
         self._publish_view()  # /health must have a whole view to read from its first request
         self._start_health()
-        self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.discovery_stop)
+        self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.stop_threads)
         self.analytics_thread.start()
-        for xs in self.settings.enabled_exchanges():
-            DiscoveryThread(xs, self.discovered, self.wake, self.discovery_stop).start()
+        for name in self.exchanges:
+            self._discover(name)
         log.info("supervisor %d running; data in %s", os.getpid(), self.settings.logger.data_path)
         ready_sent = False
         while not self.stopping:
@@ -262,6 +289,7 @@ class Supervisor:
             now = time.monotonic()
             self._take_discoveries(now)
             self._reap(now)
+            self._collect_retired()
             self._watch_heartbeats(now)
             self._start_due(now)
             self._publish_view()
@@ -295,16 +323,27 @@ class Supervisor:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 self.stopping = True
             elif signum == signal.SIGHUP:
-                log.warning("received SIGHUP: configuration reload is not supported yet; ignored")
+                self._reload(time.monotonic())
 
     # -- discovery and shards ------------------------------------------------------
+    def _discover(self, name: str) -> None:
+        """(Re)start the symbol discovery of an exchange; earlier rounds' results become stale."""
+        status = self.exchanges[name]
+        status.discovery_stop.set()
+        status.discovery_stop = threading.Event()
+        status.generation += 1
+        DiscoveryThread(self.settings.exchange(name), status.generation, self.discovered, self.wake,
+                        status.discovery_stop).start()
+
     def _take_discoveries(self, now: float) -> None:
         while True:
             try:
-                name, listed, error = self.discovered.get_nowait()
+                name, generation, listed, error = self.discovered.get_nowait()
             except queue.Empty:
                 return
-            status = self.exchanges[name]
+            status = self.exchanges.get(name)
+            if status is None or generation != status.generation:
+                continue  # the exchange was disabled or reconfigured since this discovery began
             if listed is None:
                 status.error = error
                 continue
@@ -318,7 +357,17 @@ class Supervisor:
         for symbol, what in problems:
             log.error("%s: configured symbol %s is %s on the exchange; not captured", name, symbol, what)
         status.problems = problems
-        shards, uncovered = split_shards(chosen, adapter.max_symbols_per_connection(), xs.max_connections)
+        # Shards still wanted keep their worker; a FATAL one is given a new start.
+        live = [s for s in self.slots.values() if s.spec.exchange == name and s.machine.state not in (RETIRING, RETIRED)]
+        for slot in [s for s in live if s.machine.state == FATAL]:
+            self._retire(slot, now)
+        live = [s for s in live if s.machine.state != RETIRED]
+        if live and not status.replace_shards:
+            current = [s.spec.symbols for s in live]
+            shards, uncovered = reshard(current, chosen, adapter.max_symbols_per_connection(), xs.max_connections)
+        else:
+            shards, uncovered = split_shards(chosen, adapter.max_symbols_per_connection(), xs.max_connections)
+        status.replace_shards = False
         if uncovered:
             log.error(
                 "%s: %d symbols do not fit in %d connections of %d symbols; not captured: %s",
@@ -326,6 +375,11 @@ class Supervisor:
                 ", ".join(s.symbol for s in uncovered[:20]) + (" ..." if len(uncovered) > 20 else ""),
             )
         status.uncovered = [s.symbol for s in uncovered]
+        kept = {s.spec.symbols: s for s in live}
+        wanted = [tuple(symbols) for symbols in shards]
+        for slot in live:
+            if slot.spec.symbols not in wanted:
+                self._retire(slot, now)
         if not shards:
             status.state = FATAL
             status.error = "no symbol to capture"
@@ -337,10 +391,77 @@ class Supervisor:
         # Each worker gets an equal share of the exchange's connection budget,
         # and first starts are staggered so the shards together stay within it.
         interval = len(shards) / adapter.connect_rate
-        for i, symbols in enumerate(shards):
-            spec = WorkerSpec(self._next_slot, name, i, tuple(symbols), interval)
+        new = [symbols for symbols in wanted if symbols not in kept]
+        for i, symbols in enumerate(new):
+            spec = WorkerSpec(self._next_slot, name, self._free_shard_number(name), symbols, interval)
             self._add_slot(spec, now + i / adapter.connect_rate)
-        log.info("%s: %d symbols in %d shards", name, status.symbols, len(shards))
+        log.info("%s: %d symbols in %d shards (%d kept running, %d started)", name, status.symbols, len(shards),
+                 len(shards) - len(new), len(new))
+
+    def _free_shard_number(self, exchange: str) -> int:
+        taken = {s.spec.shard for s in self.slots.values() if s.spec.exchange == exchange}
+        return min(set(range(len(taken) + 1)) - taken)
+
+    # -- configuration reload ------------------------------------------------------------
+    def _reload(self, now: float) -> None:
+        """SIGHUP: re-read the configuration; restart only the shards it changes."""
+        if self.reload_settings is None:
+            log.warning("received SIGHUP: this supervisor has no configuration file to re-read; ignored")
+            return
+        self._notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        try:
+            new = self.reload_settings()
+        except ConfigError as exc:
+            log.error("received SIGHUP: new configuration refused, still running the old one: %s", exc)
+            self._notify("READY=1\nSTATUS=reload refused: %s" % exc)
+            return
+        plan = plan_reload(self.settings, new)
+        if plan.empty:
+            log.info("received SIGHUP: configuration unchanged")
+            self._notify("READY=1")
+            return
+        log.info("received SIGHUP: configuration changes: %s", ", ".join(plan.changes))
+        for key in plan.ignored:
+            log.warning("reload: %s changed but applies only when the service restarts; keeping the running value", key)
+        self.settings = plan.settings
+        self.analytics.set_thresholds(*thresholds_from_settings(self.settings))
+        for name in plan.stopped:
+            log.info("reload: %s disabled; stopping its shards", name)
+            for slot in [s for s in self.slots.values() if s.spec.exchange == name]:
+                self._retire(slot, now)
+            self.exchanges.pop(name).discovery_stop.set()
+        for name in plan.started:
+            log.info("reload: %s enabled; discovering its symbols", name)
+            self.exchanges[name] = ExchangeStatus(name)
+            self._discover(name)
+        for name in plan.reshard + plan.replace:
+            status = self.exchanges[name]
+            status.replace_shards = name in plan.replace
+            log.info("reload: %s changed; discovering its symbols again, then %s", name,
+                     "replacing every shard" if status.replace_shards else "restarting only shards whose symbols changed")
+            self._discover(name)
+        self._notify("READY=1\nSTATUS=capturing")
+
+    def _retire(self, slot: Slot, now: float) -> None:
+        """Stop a shard for good: its worker ends gracefully, the writer reads its pipe dry, then it is removed."""
+        alive = slot.process is not None
+        slot.machine.retire(alive)
+        slot.retire_by = now + self.settings.logger.shutdown_timeout_secs
+        if alive:
+            log.info("stopping %s (pid %d): retired by a configuration reload", slot.spec.label, slot.process.pid)
+            _kill(slot.process.pid, signal.SIGTERM)
+
+    def _collect_retired(self) -> None:
+        """Hand retired shards' pipes back to the writer to read dry, then forget them."""
+        if self.writer_process is None:
+            return  # a restarted writer is given every slot again, retired ones included
+        for slot in [s for s in self.slots.values() if s.machine.state == RETIRED]:
+            if not self._send_writer({"op": "remove", "slot": slot.id}, []):
+                return
+            slot.pipe_w.close()
+            slot.pipe_r.close()
+            del self.slots[slot.id]
+            log.info("%s removed", slot.spec.label)
 
     def _add_slot(self, spec: WorkerSpec, start_at: float) -> Slot:
         r, w = os.pipe()
@@ -428,7 +549,9 @@ class Supervisor:
                     slot.stats.set("down_since", time.time())
                 delay = slot.machine.on_exit(p.exitcode, now)
                 reason = slot.killed_for or slot.machine.reason
-                if slot.machine.state == FATAL:
+                if slot.machine.state == RETIRED:
+                    log.info("%s (pid %d) stopped (retired)", slot.spec.label, p.pid)
+                elif slot.machine.state == FATAL:
                     log.error("%s (pid %d) %s; not restarting (FATAL)", slot.spec.label, p.pid, reason)
                 elif not self.stopping:
                     log.warning("%s (pid %d) %s; restarting in %.1f s", slot.spec.label, p.pid, reason, delay)
@@ -449,6 +572,12 @@ class Supervisor:
             p = slot.process
             if p is None or slot.killed_for:
                 continue
+            if slot.machine.state == RETIRING:
+                if now > slot.retire_by:
+                    slot.killed_for = "killed: did not stop in time after being retired"
+                    log.error("%s (pid %d): did not stop after being retired; killing it", slot.spec.label, p.pid)
+                    _kill(p.pid, signal.SIGKILL)
+                continue
             silent = now - slot.stats.get("heartbeat")
             if silent > limit:
                 slot.killed_for = "killed after its heartbeat stopped for %.0f s" % silent
@@ -462,7 +591,7 @@ class Supervisor:
     def _all_running(self) -> bool:
         if any(x.state == "discovering" for x in self.exchanges.values()):
             return False
-        return all(s.machine.state in (RUNNING, FATAL) for s in self.slots.values())
+        return all(s.machine.state in (RUNNING, FATAL, RETIRING, RETIRED) for s in self.slots.values())
 
     # -- shutdown -------------------------------------------------------------------
     def _shutdown(self) -> int:
@@ -470,7 +599,9 @@ class Supervisor:
         began = time.monotonic()
         deadline = began + timeout
         self._notify("STOPPING=1")
-        self.discovery_stop.set()
+        self.stop_threads.set()
+        for status in self.exchanges.values():
+            status.discovery_stop.set()
         workers = [s.process for s in self.slots.values() if s.process is not None]
         for p in workers:
             _kill(p.pid, signal.SIGTERM)
@@ -519,6 +650,7 @@ class Supervisor:
                 "exchange": s.spec.exchange,
                 "shard": s.spec.shard,
                 "symbols": len(s.spec.symbols),
+                "symbol_names": tuple(x.symbol for x in s.spec.symbols),
                 "state": s.machine.state,
                 "restarts": s.machine.restarts,
                 "reason": s.machine.reason,

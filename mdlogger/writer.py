@@ -127,8 +127,8 @@ class Writer:
                     if not self._on_control(control):
                         self.drain_and_close()
                         return
-                elif self.pending_total < self.max_pending:
-                    self._read_slot(key.data)
+                elif key.data in self.readers and self.pending_total < self.max_pending:
+                    self._read_slot(key.data)  # (a slot removed earlier in this batch is skipped)
             self._tick()
 
     def apply_retention(self) -> list[str]:

@@ -62,6 +62,15 @@ def test_large_trades_by_notional_global_and_per_symbol():
     assert big["large_trades"] == 1 and big["large"][0]["notional"] == 50000.0 and big["large"][0]["side"] == SELL
 
 
+def test_new_thresholds_from_a_reload_apply_to_later_trades_only():
+    a = Analytics(60, large_notional=1000.0)
+    a.add("binance", "ETH-USDT", trades((T0, 100.0, 10.0, BUY)))  # 1000: large
+    a.set_thresholds(0.0, 0.0, {"binance:ETH-USDT": 2000.0})
+    a.add("binance", "ETH-USDT", trades((T0 + 1, 100.0, 10.0, BUY), (T0 + 2, 100.0, 20.0, SELL)))
+    cur = a.report(now=T0 + 3)["exchanges"]["binance"]["ETH-USDT"]["current_interval"]
+    assert cur["large_trades"] == 2 and [x["time"] for x in cur["large"]] == [T0, T0 + 2]
+
+
 def test_large_trades_by_median_multiple():
     a = Analytics(60, large_median_multiple=5.0)
     a.add("kraken", "BTC-USD", trades(*[(T0 + i, 100.0, 1.0, BUY) for i in range(9)], (T0 + 9, 100.0, 5.0, SELL),

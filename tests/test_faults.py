@@ -171,7 +171,8 @@ def test_full_disk_is_counted_rolled_back_and_recovered(tmp_path, small_disk):
 
 
 def test_systemd_readiness_and_watchdog_notifications(tmp_path):
-    """Type=notify: READY=1 once every shard runs, WATCHDOG=1 from the main loop, STOPPING=1 at the end."""
+    """Type=notify: READY=1 once every shard runs, WATCHDOG=1 from the main loop, RELOADING=1 then READY=1
+    around a reload, STOPPING=1 at the end."""
     import socket
 
     sock_path = str(tmp_path / "notify.sock")
@@ -198,6 +199,14 @@ def test_systemd_readiness_and_watchdog_notifications(tmp_path):
             wait_for(lambda: drain() or any(m.startswith("READY=1") for m in messages), what="READY=1")
             ready_at = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
             assert any(m == "WATCHDOG=1" for m in messages[ready_at:])
+            # A reload (systemctl reload sends SIGHUP) is bracketed by RELOADING=1 ... READY=1.
+            seen = len(messages)
+            svc.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: drain() or any(m.startswith("READY=1") for m in messages[seen:]), what="READY=1 again")
+            reloading = [m for m in messages[seen:] if m.startswith("RELOADING=1")]
+            assert len(reloading) == 1 and "MONOTONIC_USEC=" in reloading[0]
+            assert messages.index(reloading[0], seen) < next(
+                i for i in range(seen, len(messages)) if messages[i].startswith("READY=1"))
             assert svc.stop() == 0
             drain()
             assert "STOPPING=1" in messages

@@ -318,3 +318,38 @@ def split_shards(symbols: Sequence[SymbolInfo], per_connection: int, max_connect
     n = math.ceil(len(covered) / per_connection)
     shards = [covered[i::n] for i in range(n)]
     return shards, uncovered
+
+
+def reshard(current: Sequence[Sequence[SymbolInfo]], symbols: Sequence[SymbolInfo], per_connection: int,
+            max_connections: int):
+    """Shards for ``symbols`` that leave as many ``current`` shards untouched as the limits allow.
+
+    Used by a configuration reload, where every changed shard means a
+    reconnect. Each current shard keeps the symbols it has that are still
+    wanted (unchanged if it lost none). Symbols no shard holds go first into
+    new shards (balanced, while connections are free), then into the current
+    shards with the most room. Returns ``(shards, uncovered)`` like
+    :func:`split_shards`; a shard equal to a current one can keep its worker.
+    """
+    wanted = {s.symbol: s for s in symbols}
+    shards: list[list[SymbolInfo]] = []
+    held: set[str] = set()
+    for shard in current:
+        if len(shards) == max_connections:
+            break
+        keep = [wanted[s.symbol] for s in shard if s.symbol in wanted and s.symbol not in held][:per_connection]
+        if keep:
+            shards.append(keep)
+            held.update(s.symbol for s in keep)
+    leftover = [s for s in symbols if s.symbol not in held]
+    free = max_connections - len(shards)
+    if leftover and free:
+        fresh, leftover = split_shards(leftover, per_connection, free)
+        shards.extend(fresh)
+    for symbol in list(leftover):
+        roomiest = min(shards, key=len, default=None)
+        if roomiest is None or len(roomiest) >= per_connection:
+            break
+        roomiest.append(symbol)
+        leftover.remove(symbol)
+    return shards, leftover
