@@ -263,6 +263,9 @@ def _read_file(path: str) -> dict:
         raise ConfigError(path, "(file)", "no such file") from None
     except OSError as exc:
         raise ConfigError(path, "(file)", "cannot read: %s" % exc.strerror) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "(file)", "expected UTF-8 text, got byte 0x%02x at offset %d"
+                          % (exc.object[exc.start], exc.start)) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = " at line %d" % (mark.line + 1) if mark else ""

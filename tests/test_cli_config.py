@@ -75,6 +75,15 @@ def test_invalid_yaml(tmp_path):
     assert proc.returncode == 2 and path in proc.stderr and "invalid YAML" in proc.stderr
 
 
+def test_file_that_is_not_utf8(tmp_path):
+    path = os.path.join(str(tmp_path), "latin1.yaml")
+    with open(path, "wb") as fh:
+        fh.write(b"logger:\n  data_path: caf\xe9\n")
+    proc = subprocess.run([sys.executable, "-m", "mdlogger", "--config", path], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and path in proc.stderr and "expected UTF-8 text, got byte 0xe9" in proc.stderr
+
+
 def test_missing_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mdlogger", "--config", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, timeout=60)
