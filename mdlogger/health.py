@@ -1,4 +1,4 @@
-"""``GET /health``: a Flask app on a thread of the supervisor.
+"""``GET /health`` (and ``/``, ``/metrics``, ``/analytics``): a Flask app on a thread of the supervisor.
 
 It only reads: the view the main loop publishes (one reference, swapped
 whole) and the lock-free counter blocks the children write. It never forks,
@@ -28,6 +28,7 @@ def shard_health(entry: dict, now: float, stall: float) -> dict:
         "exchange": entry["exchange"],
         "shard": entry["shard"],
         "symbols": entry["symbols"],
+        "symbol_names": list(entry.get("symbol_names", ())),
         "pid": int(s["pid"]) or None,
         "state": entry["state"],
         "restarts": entry["restarts"],
@@ -112,6 +113,12 @@ def build_app(supervisor) -> Flask:
     app = Flask("mdlogger")
     registry = metrics_registry(supervisor)
 
+    @app.get("/")
+    def status():
+        from .statuspage import HEADERS, status_page
+
+        return status_page(supervisor), 200, HEADERS
+
     @app.get("/health")
     def health():
         code, doc = health_document(supervisor)
@@ -150,4 +157,5 @@ def start_health_server(supervisor, host: str, port: int) -> HealthServer:
     hs = HealthServer(server)
     hs.thread.start()
     log.info("health on http://%s:%d/health", host, hs.port)
+    log.info("status page on http://%s:%d/", host, hs.port)
     return hs

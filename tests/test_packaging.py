@@ -77,3 +77,14 @@ def test_image_install_and_entrypoint_in_a_clean_venv(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    section = readme.split("## Run the tests", 1)[1]
+    command = re.search(r"```sh\n(.+?)\n```", section, re.S).group(1).strip()
+    with open(os.path.join(ROOT, ".ci", "run")) as fh:
+        ci = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    assert ci[-1] == command
+    assert os.access(os.path.join(ROOT, "scripts", "install-test-deps"), os.X_OK)
