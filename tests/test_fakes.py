@@ -420,3 +420,23 @@ def test_cli_prints_ready_and_exits_0_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_clock_skips_a_connection_until_it_is_set_up():
+    """A connection registered but still in on_open must not reach on_clock (a KeyError there ended the clock)."""
+    from mdlogger.fakes.bitfinex import FakeBitfinex
+
+    class SlowGreeting(FakeBitfinex):
+        def on_open(self, conn):
+            time.sleep(0.3)  # the clock ticks about 30 times meanwhile
+            return super().on_open(conn)
+
+    with SlowGreeting(symbols=["BTC-USD"], mode="script") as fake:
+        ws = websocket.create_connection(fake.ws_endpoint, timeout=3)
+        try:
+            ws.recv()  # the info greeting
+            time.sleep(0.1)
+            clocks = [t for t in fake._threads if t.name.endswith("-clock")]
+            assert clocks and all(t.is_alive() for t in clocks)
+        finally:
+            ws.close()

@@ -128,6 +128,7 @@ class FakeExchange(FakeServer):
         conn.state["pings"] = {}
         if not self.on_open(conn):
             return
+        conn.state["ready"] = True  # set up: the clock may call on_clock for it from now on
         if self.mode == "firehose":
             self._spawn(self._firehose, "fake-%s-firehose" % self.name, conn)
         while True:
@@ -244,6 +245,8 @@ class FakeExchange(FakeServer):
             if self.silent():
                 continue
             for conn in self.open_connections():
+                if not conn.state.get("ready"):
+                    continue  # accepted, but on_open has not finished setting it up
                 try:
                     with self.lock:
                         self.on_clock(conn, now)

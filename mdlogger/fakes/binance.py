@@ -320,8 +320,6 @@ class FakeBinance(FakeExchange):
 
     # -- keepalive, age limit, faults ---------------------------------------------------------
     def on_clock(self, conn: WsConn, now: float) -> None:
-        if "pings" not in conn.state:  # registered, but on_ws has not set it up yet
-            return
         if now - conn.opened > self.max_connection_age:
             conn.close(1000, "connection age limit")
             return
