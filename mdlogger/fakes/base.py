@@ -267,8 +267,8 @@ class FakeExchange(FakeServer):
 
     # -- firehose -----------------------------------------------------------------------------------
     def _firehose(self, conn: WsConn) -> None:
-        """Pre-encoded trades resent as fast as the socket takes them, renewed every FIREHOSE_RENEW s."""
-        blob, made, key = b"", 0.0, None
+        """Trade frames as fast as the socket takes them, from the fake's firehose source."""
+        source, key = None, None
         while not conn.closed and not self._stopping.is_set():
             if self.silent():
                 time.sleep(0.05)
@@ -278,25 +278,30 @@ class FakeExchange(FakeServer):
                 time.sleep(0.01)
                 continue
             names = tuple(st.symbol for st in states)
-            if names != key or time.monotonic() - made > FIREHOSE_RENEW:
-                key, made = names, time.monotonic()
+            if names != key or source.stale():
+                key = names
                 with self.lock:
-                    blob = self._firehose_blob(conn, states)
+                    source = self.firehose_source(conn, states)
+            with self.lock:
+                blob = source.next_round()
             try:
                 conn.send_frames(blob)
             except ConnectionClosed:
                 return
+            with self.lock:
+                source.sent()
 
-    def _firehose_blob(self, conn: WsConn, states) -> bytes:
+    def firehose_source(self, conn: WsConn, states: list) -> "ResentBlob":
+        """What the firehose sends: ``next_round() -> bytes``, ``sent()`` once it is on the socket, ``stale()``."""
+        return ResentBlob(self, conn, states)
+
+    def _firehose_blob(self, conn: WsConn, states, per: int) -> bytes:
         parts = []
-        per = max(1, FIREHOSE_BLOB // len(states))
         for _ in range(per):
             for st in states:
                 text = self.frame_trade(conn, st, self.make_trade(st))
                 if text is not None:
                     parts.append(encode_frame(OP_TEXT, text.encode() if isinstance(text, str) else text))
-        for st in states:
-            self.sent_counts[st.symbol] += per
         return b"".join(parts)
 
     # -- faults ---------------------------------------------------------------------------------------
@@ -307,3 +312,24 @@ class FakeExchange(FakeServer):
     def go_silent(self, seconds: float) -> None:
         """Send nothing at all (no data, no keepalives) for a while, keeping TCP open."""
         self.silent_until = time.monotonic() + seconds
+
+
+class ResentBlob:
+    """The plain firehose source: FIREHOSE_BLOB pre-encoded trades, resent until FIREHOSE_RENEW s old."""
+
+    def __init__(self, fake: FakeExchange, conn: WsConn, states: list):
+        self.fake = fake
+        self.states = states
+        self.made = time.monotonic()
+        self.per = max(1, FIREHOSE_BLOB // len(states))
+        self.blob = fake._firehose_blob(conn, states, self.per)
+
+    def stale(self) -> bool:
+        return time.monotonic() - self.made > FIREHOSE_RENEW
+
+    def next_round(self) -> bytes:
+        return self.blob
+
+    def sent(self) -> None:
+        for st in self.states:
+            self.fake.sent_counts[st.symbol] += self.per

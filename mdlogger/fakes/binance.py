@@ -31,7 +31,7 @@ import time
 from typing import Callable
 
 from .base import FakeExchange, SymbolState, now_ms
-from .wsserver import OP_PONG, OP_TEXT, ConnectionClosed, WsConn, frame_header
+from .wsserver import OP_PONG, OP_TEXT, WsConn, frame_header
 
 MAX_STREAMS = 1024
 CHANNELS = {"trade": "trades", "ticker": "ticker"}  # stream kinds that are fed -> base channel names
@@ -278,35 +278,9 @@ class FakeBinance(FakeExchange):
         return '{"stream":"%s@ticker","data":%s}' % (event["s"].lower(), json.dumps(event, separators=(",", ":")))
 
     # -- firehose ----------------------------------------------------------------------------
-    def _firehose(self, conn: WsConn) -> None:
-        """Trade frames as fast as the socket takes them: consecutive ids, current times.
-
-        Prices come from a path pre-built every FIREHOSE_PATH_SECS; each round
-        only patches ids and times into the pre-encoded pieces (C-level joins),
-        so a round of FIREHOSE_ROUND frames costs about a millisecond.
-        """
-        hose, key = None, None
-        while not conn.closed and not self._stopping.is_set():
-            if self.silent():
-                time.sleep(0.05)
-                continue
-            states = [st for st in self.symbols.values() if self.wants(conn, st, "trades")]
-            if not states:
-                time.sleep(0.01)
-                continue
-            names = tuple(st.symbol for st in states)
-            if names != key or hose.age() > FIREHOSE_PATH_SECS:
-                key = names
-                with self.lock:
-                    hose = FirehosePath(self, states)
-            with self.lock:
-                blob, first_ids = hose.next_round()
-            try:
-                conn.send_frames(blob)
-            except ConnectionClosed:
-                return
-            with self.lock:
-                hose.sent(first_ids)
+    def firehose_source(self, conn: WsConn, states: list) -> "FirehosePath":
+        """Consecutive ids and current times in every round (see FirehosePath)."""
+        return FirehosePath(self, states)
 
     def _walk(self, st: SymbolState) -> tuple[str, str, bool]:
         """Move a symbol's price one trade without using a trade id: (price, qty, taker bought)."""
@@ -371,12 +345,14 @@ class FirehosePath:
         self.static: list[tuple[str, str, bool]] = []  # (price, qty, bought) per frame, for recording
         self._headers: dict = {}
         self.round_ms = 0
+        self.first_ids: list[int] = []  # each symbol's first trade id in the last round
         for _ in range(self.per):
             for st in states:
                 self._add_frame(st)
 
-    def age(self) -> float:
-        return time.monotonic() - self.made
+    def stale(self) -> bool:
+        """Whether to build a new price path."""
+        return time.monotonic() - self.made > FIREHOSE_PATH_SECS
 
     def _add_frame(self, st: SymbolState) -> None:
         j = len(self.static)
@@ -399,8 +375,8 @@ class FirehosePath:
             self._headers[key] = [frame_header(OP_TEXT, n + id_width + 2 * ms_width) for n in self.static_len]
         return self._headers[key]
 
-    def next_round(self) -> tuple[bytes, list[int]]:
-        """The next FIREHOSE_ROUND frames as one blob, and each symbol's first id in it (ids taken)."""
+    def next_round(self) -> bytes:
+        """The next FIREHOSE_ROUND frames as one blob (ids taken); about a millisecond of C-level joins."""
         k, s, per = self.K, len(self.states), self.per
         self.round_ms = now_ms()
         ms = b"%d" % self.round_ms
@@ -418,11 +394,12 @@ class FirehosePath:
         else:  # ids cross a power of ten within this round
             self.pieces[0::k] = [frame_header(OP_TEXT, self.static_len[j] + len(self.pieces[j * k + 4]) + 2 * len(ms))
                                  for j in range(self.n)]
-        return b"".join(self.pieces), first_ids
+        self.first_ids = first_ids
+        return b"".join(self.pieces)
 
-    def sent(self, first_ids: list[int]) -> None:
-        """Count (and, if the fake records, record) a round that reached the socket."""
-        fake = self.fake
+    def sent(self) -> None:
+        """Count (and, if the fake records, record) the last round: it reached the socket."""
+        fake, first_ids = self.fake, self.first_ids
         for st in self.states:
             fake.sent_counts[st.symbol] += self.per
         if not fake.record:

@@ -194,9 +194,9 @@ class FakeOkx(FakeExchange):
                     self.sent_trades.extend(events)
         return events
 
-    def _firehose_blob(self, conn: WsConn, states) -> bytes:
+    def _firehose_blob(self, conn: WsConn, states, per: int) -> bytes:
         conn.state["last_sent"] = time.monotonic() + 2.0  # the blob is resent for a while
-        return super()._firehose_blob(conn, states)
+        return super()._firehose_blob(conn, states, per)
 
     # -- keepalive and faults --------------------------------------------------------------
     def on_clock(self, conn: WsConn, now: float) -> None:
