@@ -60,7 +60,7 @@ from . import transport
 from .analytics import AnalyticsThread, engine_from_settings, thresholds_from_settings
 from .backoff import Backoff
 from .exchanges import adapter_for
-from .exchanges.base import SymbolInfo, reshard, resolve_symbols, split_shards
+from .exchanges.base import SymbolInfo, reshard, resolve_symbols
 from .logs import LogReceiver
 from .reload import plan_reload
 from .rest import RestClient, RestError
@@ -357,17 +357,15 @@ class Supervisor:
         for symbol, what in problems:
             log.error("%s: configured symbol %s is %s on the exchange; not captured", name, symbol, what)
         status.problems = problems
-        # Shards still wanted keep their worker; a FATAL one is given a new start.
+        # Shards still wanted keep their worker, unless a reload changed how they connect;
+        # a FATAL one is given a new start. (With nothing kept, reshard is split_shards.)
         live = [s for s in self.slots.values() if s.spec.exchange == name and s.machine.state not in (RETIRING, RETIRED)]
-        for slot in [s for s in live if s.machine.state == FATAL]:
+        for slot in [s for s in live if status.replace_shards or s.machine.state == FATAL]:
             self._retire(slot, now)
-        live = [s for s in live if s.machine.state != RETIRED]
-        if live and not status.replace_shards:
-            current = [s.spec.symbols for s in live]
-            shards, uncovered = reshard(current, chosen, adapter.max_symbols_per_connection(), xs.max_connections)
-        else:
-            shards, uncovered = split_shards(chosen, adapter.max_symbols_per_connection(), xs.max_connections)
         status.replace_shards = False
+        live = [s for s in live if s.machine.state not in (RETIRING, RETIRED)]
+        current = [s.spec.symbols for s in live]
+        shards, uncovered = reshard(current, chosen, adapter.max_symbols_per_connection(), xs.max_connections)
         if uncovered:
             log.error(
                 "%s: %d symbols do not fit in %d connections of %d symbols; not captured: %s",

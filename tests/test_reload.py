@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mdlogger.backoff import Backoff
-from mdlogger.exchanges.base import SymbolInfo, reshard
+from mdlogger.exchanges.base import SymbolInfo, reshard, split_shards
 from mdlogger.fakes.binance import FakeBinance
 from mdlogger.fakes.coinbase import FakeCoinbase
 from mdlogger.reader import read_rows
@@ -69,6 +69,12 @@ def test_reshard_tighter_limits_trim_shards():
     shards, uncovered = reshard(current, wanted, 2, 2)
     assert names(shards) == [["A-X", "B-X"], ["D-X", "C-X"]]
     assert [s.symbol for s in uncovered] == ["E-X"]
+
+
+def test_reshard_of_nothing_running_is_the_balanced_split():
+    wanted = [sym("S%d-X" % i) for i in range(11)]
+    assert reshard([], wanted, 4, 5) == split_shards(wanted, 4, 5)
+    assert reshard([], wanted, 2, 3) == split_shards(wanted, 2, 3)
 
 
 def test_reshard_a_symbol_relisted_differently_changes_its_shard():
@@ -235,7 +241,19 @@ def test_sighup_restarts_only_changed_shards_and_refuses_a_bad_config(tmp_path, 
         assert shard_map(svc) == after
         assert svc.proc.poll() is None
 
-        # 3. An exchange disabled, a symbol dropped, a key that needs a restart.
+        # 3. A connection setting changed: that exchange's every shard is replaced, even with the same symbols.
+        config["exchanges"]["coinbase"]["silence_timeout_secs"] = 12.0
+        reload(svc, config)
+        wait_for(lambda: shard_map(svc).get(("coinbase", 1, 1), (0, ""))[1] == "running"
+                 and ("coinbase", 1, 0) not in shard_map(svc), what="coinbase's shard replaced")
+        assert coinbase.accepted > coinbase_conns
+        replaced = shard_map(svc)
+        assert replaced[("coinbase", 1, 1)][0] != after[("coinbase", 1, 0)][0]
+        assert {k: v for k, v in replaced.items() if k[0] == "binance"} == {
+            k: v for k, v in after.items() if k[0] == "binance"}
+        after = replaced
+
+        # 4. An exchange disabled, a symbol dropped, a key that needs a restart.
         config["exchanges"]["coinbase"]["enabled"] = False
         config["exchanges"]["binance"]["symbols"] = ["BTC-USDT", "SOL-USDT"]
         config["logger"]["flush_interval_secs"] = 0.3
