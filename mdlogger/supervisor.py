@@ -322,7 +322,7 @@ class Supervisor:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 self.stopping = True
-            elif signum == signal.SIGHUP:
+            elif signum == signal.SIGHUP and not self.stopping:
                 self._reload(time.monotonic())
 
     # -- discovery and shards ------------------------------------------------------
