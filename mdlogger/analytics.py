@@ -225,8 +225,9 @@ class Analytics:
                 }
         return {"interval_secs": self.interval, "generated": now, "exchanges": out}
 
-    def most_active(self, n: int = 10, now: float | None = None) -> list[tuple[str, str, dict]]:
-        rep = self.report(now)
+    def most_active(self, n: int = 10, now: float | None = None, report: dict | None = None) -> list[tuple[str, str, dict]]:
+        """The ``n`` symbols with most trades in the last complete interval (of ``report`` when given)."""
+        rep = report if report is not None else self.report(now)
         rows = [(x, s, f["interval"]) for x, syms in rep["exchanges"].items() for s, f in syms.items()]
         rows.sort(key=lambda r: -r[2]["trades"])
         return [r for r in rows[:n] if r[2]["trades"]]

@@ -283,7 +283,7 @@ def active_rows(analytics, now: float) -> tuple[int, list[dict]]:
     """The most active symbols over the last complete interval, with last price and today's trades."""
     report = analytics.report(now)
     rows = []
-    for exchange, symbol, f in analytics.most_active(MOST_ACTIVE, now):
+    for exchange, symbol, f in analytics.most_active(MOST_ACTIVE, report=report):
         figures = report["exchanges"].get(exchange, {}).get(symbol, {})
         rows.append({
             "exchange": exchange,

@@ -359,11 +359,10 @@ class Supervisor:
         status.problems = problems
         # Shards still wanted keep their worker, unless a reload changed how they connect;
         # a FATAL one is given a new start. (With nothing kept, reshard is split_shards.)
-        live = [s for s in self.slots.values() if s.spec.exchange == name and s.machine.state not in (RETIRING, RETIRED)]
-        for slot in [s for s in live if status.replace_shards or s.machine.state == FATAL]:
+        for slot in [s for s in self._live_slots(name) if status.replace_shards or s.machine.state == FATAL]:
             self._retire(slot, now)
         status.replace_shards = False
-        live = [s for s in live if s.machine.state not in (RETIRING, RETIRED)]
+        live = self._live_slots(name)
         current = [s.spec.symbols for s in live]
         shards, uncovered = reshard(current, chosen, adapter.max_symbols_per_connection(), xs.max_connections)
         if uncovered:
@@ -396,6 +395,10 @@ class Supervisor:
         log.info("%s: %d symbols in %d shards (%d kept running, %d started)", name, status.symbols, len(shards),
                  len(shards) - len(new), len(new))
 
+    def _live_slots(self, exchange: str) -> list[Slot]:
+        """The exchange's shards that are not being (or have not been) retired."""
+        return [s for s in self.slots.values() if s.spec.exchange == exchange and s.machine.state not in (RETIRING, RETIRED)]
+
     def _free_shard_number(self, exchange: str) -> int:
         taken = {s.spec.shard for s in self.slots.values() if s.spec.exchange == exchange}
         return min(set(range(len(taken) + 1)) - taken)
@@ -425,7 +428,7 @@ class Supervisor:
         self.analytics.set_thresholds(*thresholds_from_settings(self.settings))
         for name in plan.stopped:
             log.info("reload: %s disabled; stopping its shards", name)
-            for slot in [s for s in self.slots.values() if s.spec.exchange == name]:
+            for slot in self._live_slots(name):
                 self._retire(slot, now)
             self.exchanges.pop(name).discovery_stop.set()
         for name in plan.started:
