@@ -2,6 +2,8 @@
 
     mdlogger-supervisor [--config PATH] [--debug] [run [--exchanges a,b]]
     mdlogger-supervisor dump EXCHANGE SYMBOL {MD|TRADES} YYYY-MM-DD
+    mdlogger-supervisor gaps [--exchange X] YYYY-MM-DD   # the gap ledger of a day
+    mdlogger-supervisor verify YYYY-MM-DD                # check a day's files (exit 1 on problems)
     mdlogger-supervisor demo            # the service on built-in simulated exchanges
 
 Configuration errors print one line naming the file, the key and what was
@@ -126,6 +128,122 @@ def dump(ctx: click.Context, exchange: str, symbol: str, table: str, day: str, d
     except (FileNotFoundError, ValueError) as exc:
         click.echo("mdlogger-supervisor dump: %s" % exc, err=True)
         sys.exit(1)
+
+
+def _data_path_only(ctx: click.Context, data_path: str | None, command: str) -> str:
+    """--data-path, else the configured logger.data_path, read without requiring the rest of the config to be valid."""
+    if data_path is None:
+        path = _config_path(ctx.obj["config"])
+        try:
+            data_path = load_settings(path, os.environ, None, check_resources=False).logger.data_path
+        except ConfigError:
+            data_path = _raw_data_path(path)
+    if not os.path.isdir(data_path):
+        click.echo("mdlogger-supervisor %s: no data directory %s" % (command, data_path), err=True)
+        sys.exit(1)
+    return data_path
+
+
+def _raw_data_path(path: str | None) -> str:
+    """logger.data_path from the environment, else the file, else the default (nothing else is checked)."""
+    from .settings import LoggerSettings
+
+    env = os.environ.get("LOGGER_DATA_PATH")
+    if env:
+        return os.path.abspath(env)
+    value = None
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                doc = yaml.safe_load(fh)
+        except (OSError, yaml.YAMLError) as exc:
+            _fail_config(ConfigError(path, "logger.data_path", "cannot read the file (%s)" % exc))
+        logger = doc.get("logger") if isinstance(doc, dict) else None
+        value = logger.get("data_path") if isinstance(logger, dict) else None
+        if value is not None and (not isinstance(value, str) or not value):
+            _fail_config(ConfigError(path, "logger.data_path", "expected a non-empty string, got %r" % (value,)))
+    return os.path.abspath(value or LoggerSettings.data_path)
+
+
+def _day_argument(day: str) -> str:
+    """``YYYY-MM-DD`` (2000..2099) -> ``DD.MM.YY``; BadParameter otherwise."""
+    import datetime
+
+    from .records import date_to_day_string
+
+    try:
+        if len(day) != 10:
+            raise ValueError
+        date = datetime.date.fromisoformat(day)
+    except ValueError:
+        raise click.BadParameter("expected a UTC day as YYYY-MM-DD, got %r" % (day,), param_hint="DAY") from None
+    if not 2000 <= date.year <= 2099:
+        raise click.BadParameter("expected a year in 2000..2099, got %r" % (day,), param_hint="DAY")
+    return date_to_day_string(day)
+
+
+def _aligned(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    """Rows of cells as lines with aligned columns (the last column is not padded)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells[-1] = r[-1]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+@main.command("gaps")
+@click.argument("day")
+@click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
+@click.option("--exchange", type=click.Choice(EXCHANGES), default=None, help="Only this exchange (default: all).")
+@click.pass_context
+def gaps_cmd(ctx: click.Context, day: str, data_path: str | None, exchange: str | None) -> None:
+    """Print the gap ledger of one UTC day (YYYY-MM-DD): each gap's latest state."""
+    from .ledger import iso_nanos, read_gaps
+    from .records import EXCHANGE_CODES
+
+    day_s = _day_argument(day)
+    data_path = _data_path_only(ctx, data_path, "gaps")
+    rows = [["exchange", "symbol", "from", "to", "why", "fate", "trades", "missing", "detail"]]
+
+    def edge(g: dict, end: str) -> str:
+        text = iso_nanos(g.get(end + "_sec") or 0, g.get(end + "_nanos") or 0)
+        ident = g.get(end + "_id") or 0
+        return "%s #%d" % (text, ident) if ident else text
+
+    for name in ([exchange] if exchange else sorted(EXCHANGE_CODES)):
+        for g in read_gaps(data_path, name, day_s):
+            missing = g.get("missing")
+            rows.append([name, str(g.get("symbol", "")), edge(g, "from"), edge(g, "to"), str(g.get("why", "")),
+                         str(g.get("fate", "")), str(g.get("trades", 0)), "-" if missing is None else str(missing),
+                         str(g.get("detail") or "")])
+    if len(rows) == 1:
+        click.echo("no gaps recorded for %s%s" % (day, " on %s" % exchange if exchange else ""))
+        return
+    for line in _aligned(rows, right={6, 7}):
+        click.echo(line)
+
+
+@main.command("verify")
+@click.argument("day")
+@click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
+@click.pass_context
+def verify_cmd(ctx: click.Context, day: str, data_path: str | None) -> None:
+    """Check every table of one UTC day (YYYY-MM-DD): whole rows, order, gaps in the ledger, the manifest."""
+    from .verify import check_day, consecutive_ids_by_exchange
+
+    day_s = _day_argument(day)
+    data_path = _data_path_only(ctx, data_path, "verify")
+    report = check_day(data_path, day_s, consecutive_ids_by_exchange())
+    for line in report.problems:
+        click.echo(line)
+    if report.problems:
+        sys.exit(1)
+    if report.tables == 0:
+        click.echo("mdlogger-supervisor verify: no tables for %s in %s" % (day, data_path), err=True)
+        sys.exit(1)
+    click.echo("ok: %d tables on %d exchanges checked" % (report.tables, report.exchanges))
 
 
 def _exchange_settings(ctx: click.Context, exchange: str):

@@ -14,6 +14,9 @@ import time
 from flask import Flask, jsonify
 from werkzeug.serving import make_server
 
+from .clock import clock_note, combine
+from .stats import gap_field
+
 log = logging.getLogger("mdlogger.health")
 
 
@@ -45,7 +48,59 @@ def shard_health(entry: dict, now: float, stall: float) -> dict:
         "parse_errors_by_reason": stats.reasons(),
         "dropped_records": int(s["dropped_records"]),
         "refused_symbols": [x for x in entry["note"].get().split(",") if x],
+        "clock": shard_clock(s),
     }
+
+
+def shard_clock(s: dict) -> dict:
+    """A shard's clock offset figures (receive time minus exchange event time, last minute)."""
+    n = int(s.get("clock_samples", 0))
+    return {
+        "offset_p50_secs": round(s.get("clock_offset_p50", 0.0), 6) if n else None,
+        "offset_p99_secs": round(s.get("clock_offset_p99", 0.0), 6) if n else None,
+        "samples": n,
+    }
+
+
+def clock_figures(entries) -> tuple[float | None, float | None, int]:
+    """``(p50, p99, samples)`` of an exchange over its slots' stats blocks (see clock.combine)."""
+    figures = []
+    for entry in entries:
+        s = entry["stats"].as_dict()
+        figures.append((s.get("clock_offset_p50", 0.0), s.get("clock_offset_p99", 0.0),
+                        int(s.get("clock_samples", 0))))
+    return combine(figures)
+
+
+def exchange_clock(entries, bad_time: int) -> dict:
+    """One exchange's clock figures, with a note when the local clock is to blame for refused rows."""
+    p50, p99, n = clock_figures(entries)
+    return {
+        "offset_p50_secs": None if p50 is None else round(p50, 6),
+        "offset_p99_secs": None if p99 is None else round(p99, 6),
+        "samples": n,
+        "note": clock_note(p50, bad_time),
+    }
+
+
+# /health names of the writer's per-exchange gap counters (see stats.GAP_FIELDS)
+GAP_KEYS = {
+    "gaps_detected": "detected",
+    "gaps_filled": "filled",
+    "gaps_empty": "empty",
+    "gaps_unrecoverable": "unrecoverable",
+    "gaps_pending": "pending",
+    "trades_backfilled": "trades_backfilled",
+    "rest_calls": "rest_calls",
+}
+
+
+def exchange_gaps(ws: dict, exchange: str, now: float) -> dict:
+    """What became of an exchange's gaps, from the writer's block (zeros for an exchange it has no cells for)."""
+    out = {key: int(ws.get(gap_field(field, exchange), 0)) for field, key in GAP_KEYS.items()}
+    oldest = ws.get(gap_field("oldest_pending_gap", exchange), 0)
+    out["oldest_pending_gap_seconds"] = round(max(0.0, now - oldest), 3) if oldest else None
+    return out
 
 
 def _iso(t: float) -> str:
@@ -74,12 +129,16 @@ def health_document(supervisor) -> tuple[int, dict]:
             "refused_records": int(ws["refused_records"]),
             "repaired_tables": int(ws["repaired_tables"]),
             "duplicate_trades_skipped": int(ws["duplicates"]),
+            "held_rows": int(ws.get("held_rows", 0)),
+            "sealed_days": int(ws.get("sealed_days", 0)),
+            "late_rows": int(ws.get("late_rows", 0)),
         }
     )
     exchanges = {}
     healthy = writer["state"] in ("starting", "running")
     for name, status in view["exchanges"].items():
         mine = [s for s in shards if s["exchange"] == name]
+        entries = [e for e in view["slots"] if e["exchange"] == name]
         ok = any(s["state"] == "running" and s["receiving"] for s in mine)
         reasons: dict[str, int] = {}
         for s in mine:
@@ -88,7 +147,9 @@ def health_document(supervisor) -> tuple[int, dict]:
         refused = sorted({x for s in mine for x in s["refused_symbols"]})
         exchanges[name] = dict(status, healthy=ok, shards=len(mine),
                                shards_receiving=sum(1 for s in mine if s["receiving"]),
-                               refused_by_reason=reasons, refused_by_exchange=refused)
+                               refused_by_reason=reasons, refused_by_exchange=refused,
+                               gaps=exchange_gaps(ws, name, now),
+                               clock=exchange_clock(entries, reasons.get("bad_time", 0)))
         healthy = healthy and ok
     doc = {
         "status": "ok" if healthy else "degraded",

@@ -29,6 +29,16 @@ LINE_MAX = select.PIPE_BUF
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 
 
+_CONTROL = {c: "\\x%02x" % c for c in list(range(0x20)) + [0x7F]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def escape(text: str, limit: int = 300) -> str:
+    """Text from outside (an exchange's error, a REST body) made safe for one log line."""
+    text = str(text).translate(_CONTROL)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def configure_root(level: int) -> None:
     """The supervisor's own logging: one stderr handler at ``level``."""
     root = logging.getLogger()

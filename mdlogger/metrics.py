@@ -16,6 +16,8 @@ import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .health import clock_figures, exchange_gaps
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -58,6 +60,8 @@ class ServiceCollector:
         yield connected
         yield silence
         yield from self._writer(view)
+        yield from self._gaps(view, now)
+        yield self._clock(view)
         yield self._memory()
 
     def _writer(self, view):
@@ -75,6 +79,50 @@ class ServiceCollector:
         yield GaugeMetricFamily("mdlogger_writer_queue_backlog_bytes", "Bytes waiting in the worker pipes",
                                 value=view["writer"].get("backlog_bytes", 0))
         yield GaugeMetricFamily("mdlogger_writer_pending_rows", "Rows buffered, not yet written", value=w["pending_rows"])
+        yield GaugeMetricFamily("mdlogger_writer_held_rows", "Rows held back until a gap before them is filled",
+                                value=w.get("held_rows", 0))
+        yield CounterMetricFamily("mdlogger_sealed_days", "Day manifests written", value=w.get("sealed_days", 0))
+        yield CounterMetricFamily("mdlogger_late_rows", "Rows for a day already sealed (refused)",
+                                  value=w.get("late_rows", 0))
+
+    def _gaps(self, view, now: float):
+        """Per enabled exchange, what became of the gaps in its trades (the writer's counters)."""
+        w = self.supervisor.writer_stats.as_dict()
+        gaps = CounterMetricFamily("mdlogger_gaps", "Gaps in an exchange's trades, by what became of them",
+                                   labels=["exchange", "fate"])
+        pending = GaugeMetricFamily("mdlogger_gaps_pending", "Gaps being filled", labels=["exchange"])
+        backfilled = CounterMetricFamily("mdlogger_trades_backfilled", "Trades fetched over REST and stored",
+                                         labels=["exchange"])
+        calls = CounterMetricFamily("mdlogger_backfill_rest_calls", "REST requests made to fill gaps",
+                                    labels=["exchange"])
+        oldest = GaugeMetricFamily("mdlogger_oldest_pending_gap_seconds",
+                                   "Seconds since the oldest gap still being filled was detected (0: none)",
+                                   labels=["exchange"])
+        for name in sorted(view["exchanges"]):
+            g = exchange_gaps(w, name, now)
+            for fate in ("detected", "filled", "empty", "unrecoverable"):
+                gaps.add_metric([name, fate], g[fate])
+            pending.add_metric([name], g["pending"])
+            backfilled.add_metric([name], g["trades_backfilled"])
+            calls.add_metric([name], g["rest_calls"])
+            oldest.add_metric([name], g["oldest_pending_gap_seconds"] or 0.0)
+        yield from (gaps, pending, backfilled, calls, oldest)
+
+    def _clock(self, view):
+        """Per exchange with samples: local receive time minus the exchange's event time over the last minute."""
+        offset = GaugeMetricFamily("mdlogger_clock_offset_seconds",
+                                   "Local receive time minus exchange event time (median over shards of each "
+                                   "shard's last-minute median; 0.99: the largest shard 99th percentile)",
+                                   labels=["exchange", "quantile"])
+        by_exchange: dict[str, list] = {}
+        for entry in view["slots"]:
+            by_exchange.setdefault(entry["exchange"], []).append(entry)
+        for name in sorted(by_exchange):
+            p50, p99, n = clock_figures(by_exchange[name])
+            if n:
+                offset.add_metric([name, "0.5"], p50)
+                offset.add_metric([name, "0.99"], p99)
+        return offset
 
     def _memory(self):
         rss = GaugeMetricFamily("mdlogger_process_resident_memory_bytes", "RSS of each process", labels=["process"])

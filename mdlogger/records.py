@@ -26,6 +26,11 @@ KIND_TRADES = 2
 # TRADES; the writer stores one only if it is newer than the last stored trade
 # of its symbol (by id, or by time when the exchange has no ids).
 KIND_SNAPSHOT = 3
+# A connection for the record's symbol was (re)established: the writer checks
+# whether trades were missed since the last stored one (mdlogger/gaps.py). Same
+# layout as TRADES; ``id`` is 1 on a worker's first connection (a restart),
+# 0 on a reconnect; ``time``/``nanos`` the moment of connecting; the rest zero.
+KIND_RESUME = 4
 TABLE_NAMES = {KIND_MD: "MD", KIND_TRADES: "TRADES"}
 
 SIDE_UNKNOWN = 0
@@ -78,10 +83,10 @@ COLUMNS = {KIND_MD: MD_COLUMNS, KIND_TRADES: TRADE_COLUMNS}
 # Wire layouts: symbol first, then the table's columns in file order.
 MD_WIRE = struct.Struct("<%ds" % SYMBOL_FIELD + "".join(c.code for c in MD_COLUMNS))
 TRADE_WIRE = struct.Struct("<%ds" % SYMBOL_FIELD + "".join(c.code for c in TRADE_COLUMNS))
-WIRE = {KIND_MD: MD_WIRE, KIND_TRADES: TRADE_WIRE, KIND_SNAPSHOT: TRADE_WIRE}
+WIRE = {KIND_MD: MD_WIRE, KIND_TRADES: TRADE_WIRE, KIND_SNAPSHOT: TRADE_WIRE, KIND_RESUME: TRADE_WIRE}
 
 # Index of the ``time`` field inside an unpacked wire tuple (symbol is 0).
-TIME_INDEX = {KIND_MD: 1, KIND_TRADES: 2, KIND_SNAPSHOT: 2}
+TIME_INDEX = {KIND_MD: 1, KIND_TRADES: 2, KIND_SNAPSHOT: 2, KIND_RESUME: 2}
 
 FLOAT32_MAX = 3.4028234663852886e38
 

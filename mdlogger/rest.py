@@ -1,7 +1,8 @@
 """REST calls to exchanges: timeouts, retries, and respect for rate limits.
 
-Used only by the supervisor (symbol discovery) and the command-line tools;
-never from a signal handler or a worker's hot path.
+Used by the supervisor (symbol discovery) and the command-line tools;
+never from a signal handler or a worker's hot path. Backfill has its own
+client (mdlogger/history.py); both spend the exchange's one shared budget.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class RestError(Exception):
 
 class RestClient:
     def __init__(self, timeout: float = 10.0, retries: int = 3, backoff: float = 0.5,
-                 max_backoff: float = 30.0, sleep=time.sleep):
+                 max_backoff: float = 30.0, sleep=time.sleep, bucket=None, cost: float = 1.0):
+        self.bucket = bucket  # the exchange's shared REST budget (mdlogger/budget.py), when given
+        self.cost = cost
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -35,6 +38,8 @@ class RestClient:
     def get_json(self, url: str, params: dict | None = None):
         attempt = 0
         while True:
+            if self.bucket is not None:
+                self.bucket.acquire(self.cost)
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -48,6 +53,8 @@ class RestClient:
                 if resp.status_code not in RETRY_STATUSES:
                     raise RestError("GET %s: HTTP %d: %s" % (url, resp.status_code, resp.text[:200]))
                 problem, wait = "HTTP %d" % resp.status_code, _retry_after(resp)
+                if wait is not None and self.bucket is not None and resp.status_code in (418, 429):
+                    self.bucket.pause(wait)  # every process of this exchange waits, not only this one
                 if resp.status_code == 418:
                     log.error("GET %s: HTTP 418, this IP is banned for now; waiting %s s", url, wait)
             if attempt >= self.retries:

@@ -58,13 +58,15 @@ class ExchangeSettings:
     connect_timeout_secs: float = 10.0
     rest_timeout_secs: float = 10.0
     rest_retries: int = 3
+    backfill_max_secs: float = 6 * 3600.0  # gaps that start longer ago are recorded as unrecoverable
+    backfill_hold_secs: float = 120.0  # a symbol's rows after a gap wait at most this long for it to be filled
 
 
 @dataclass(frozen=True)
 class LoggerSettings:
     data_path: str = "./data"
     buffer_size: int = 1 << 20
-    flush_interval_secs: float = 1.0
+    flush_interval_secs: float = 0.05
     health_check_port: int = 8080
     health_check_host: str = "127.0.0.1"
     heartbeat_timeout_secs: float = 30.0
@@ -81,6 +83,7 @@ class LoggerSettings:
     analytics_interval_secs: int = 60
     large_trade_notional: float = 0.0  # 0: off; a trade with price x size >= this is large
     large_trade_median_multiple: float = 0.0  # 0: off; a trade >= this x the recent median size is large
+    seal_grace_secs: float = 600.0  # a UTC day is sealed this long after it ends
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ LOGGER_RULES: dict[str, tuple[str, tuple | None]] = {
     "analytics_interval_secs": ("int", _POSITIVE),
     "large_trade_notional": ("float", _NONNEG),
     "large_trade_median_multiple": ("float", _NONNEG),
+    "seal_grace_secs": ("float", _NONNEG),
 }
 
 EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {
@@ -144,6 +148,8 @@ EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {
     "connect_timeout_secs": ("float", _POSITIVE),
     "rest_timeout_secs": ("float", _POSITIVE),
     "rest_retries": ("int", _NONNEG),
+    "backfill_max_secs": ("float", _NONNEG),
+    "backfill_hold_secs": ("float", _POSITIVE),
 }
 
 _KIND_TEXT = {

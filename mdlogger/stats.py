@@ -49,7 +49,31 @@ WORKER_FIELDS = (
     "frames_sent",  # batches handed to the writer
     "rate",  # messages per second over the last reporting interval
     "refused_symbols",  # symbols the exchange refused
+    "clock_offset_p50",  # seconds: local receive time minus exchange event time, median over the last minute
+    "clock_offset_p99",  # the 99th percentile of the same (NaN-free: 0 when there are no samples)
+    "clock_samples",  # how many trades the two figures above are taken from
 ) + tuple("drop_" + r for r in DROP_REASONS)
+
+# Per exchange, in the writer's block: what became of the gaps in its trades
+# (see mdlogger/gaps.py). ``oldest_pending_gap`` is the wall-clock time the
+# oldest gap still being filled was detected (0: none pending).
+GAP_FIELDS = (
+    "gaps_detected",
+    "gaps_filled",  # trades fetched and stored
+    "gaps_empty",  # nothing traded in the gap
+    "gaps_unrecoverable",
+    "gaps_pending",
+    "trades_backfilled",
+    "rest_calls",  # REST requests made for backfill
+    "oldest_pending_gap",
+)
+GAP_EXCHANGES = ("coinbase", "binance", "bitfinex", "kraken", "okx")
+
+
+def gap_field(field: str, exchange: str) -> str:
+    """The name of one exchange's gap counter in the writer's block."""
+    return "%s_%s" % (field, exchange)
+
 
 WRITER_FIELDS = (
     "pid",
@@ -69,7 +93,10 @@ WRITER_FIELDS = (
     "duplicates",  # snapshot trades not newer than the last stored one
     "pending_rows",
     "open_tables",
-)
+    "held_rows",  # rows waiting for a gap before them to be filled
+    "sealed_days",  # day manifests written
+    "late_rows",  # rows for a day already sealed (refused, counted)
+) + tuple(gap_field(f, x) for x in GAP_EXCHANGES for f in GAP_FIELDS)
 
 
 class Block:

@@ -50,6 +50,7 @@ td.state { font-weight: 600; white-space: normal; max-width: 30em; }
 td.good { color: var(--good); }
 td.warn { color: var(--warn); }
 td.bad { color: var(--bad); }
+td.wrap { white-space: normal; max-width: 60em; }
 #stale { display: none; color: #fff; background: var(--bad); padding: .3em .8em; margin: .5em 0; }
 body.stale #stale { display: block; }
 """
@@ -279,6 +280,59 @@ def writer_html(w: dict) -> str:
     )
 
 
+def fmt_offset(seconds) -> str:
+    """A signed clock offset: ``+0.042 s``, ``-12.5 s``, ``+90,000 s``; a dash without samples."""
+    if seconds is None:
+        return DASH
+    a = abs(seconds)
+    if a < 10:
+        return "%+.3f s" % seconds
+    if a < 1000:
+        return "%+.1f s" % seconds
+    return "{:+,.0f} s".format(seconds)
+
+
+def pending_text(g: dict) -> str:
+    n = g.get("pending", 0)
+    age = g.get("oldest_pending_gap_seconds")
+    return fmt_count(n) + (" (oldest %s)" % fmt_age(age) if n and age is not None else "")
+
+
+def gap_row(name: str, x: dict) -> str:
+    """One exchange's gaps (detected / filled / unrecoverable / pending), trades backfilled and clock offset."""
+    g = x.get("gaps") or {}
+    clock = x.get("clock") or {}
+    unrecoverable = g.get("unrecoverable", 0)
+    row = (
+        '<tr class="gaps" data-exchange="%s">' % esc(name)
+        + cell(name, "name")
+        + cell(fmt_count(g.get("detected", 0)))
+        + cell(fmt_count(g.get("filled", 0)))
+        + cell(fmt_count(g.get("empty", 0)))
+        + cell(fmt_count(unrecoverable), "num bad" if unrecoverable else "num")
+        + cell(pending_text(g), "num warn" if g.get("pending") else "num")
+        + cell(fmt_count(g.get("trades_backfilled", 0)))
+        + cell(fmt_offset(clock.get("offset_p50_secs")), "num bad" if clock.get("note") else "num")
+        + "</tr>"
+    )
+    if clock.get("note"):
+        row += ('<tr class="clock-note" data-exchange="%s"><td colspan="8" class="wrap bad">%s: %s</td></tr>'
+                % (esc(name), esc(name), esc(clock["note"])))
+    return row
+
+
+def gaps_html(doc: dict) -> str:
+    if not doc["exchanges"]:
+        return ""
+    return (
+        "<h2>Gaps and clock</h2><table id=\"gaps\">"
+        + head_row("exchange", "#gaps detected", "#filled", "#empty", "#unrecoverable", "#pending",
+                   "#trades backfilled", "#clock offset p50")
+        + "".join(gap_row(name, x) for name, x in sorted(doc["exchanges"].items()))
+        + "</table>"
+    )
+
+
 def active_rows(analytics, now: float) -> tuple[int, list[dict]]:
     """The most active symbols over the last complete interval, with last price and today's trades."""
     report = analytics.report(now)
@@ -324,7 +378,7 @@ def active_html(interval_secs: int, rows: list[dict]) -> str:
 
 def main_html(doc: dict, interval_secs: int, active: list[dict], now: float) -> str:
     return (
-        "<main>" + header_html(doc, now) + shards_html(doc) + writer_html(doc["writer"])
+        "<main>" + header_html(doc, now) + shards_html(doc) + writer_html(doc["writer"]) + gaps_html(doc)
         + active_html(interval_secs, active) + "</main>"
     )
 

@@ -128,14 +128,21 @@ def iter_tables(data_path: str, days: set[str] | None = None):
                     yield TableKey(exchange, symbol, kind, day)
 
 
+_DAY_FILE_RE = re.compile(r"^(?:gaps|manifest)\.(\d\d\.\d\d\.\d\d)\.(?:jsonl|json)$")
+
+
 def expired_days(data_path: str, before_day: int):
-    """``(path, day)`` of every column file whose day index is before ``before_day``."""
+    """``(path, day)`` of every column file, gap ledger and manifest whose day index is before ``before_day``."""
     for exchange in sorted(EXCHANGE_CODES):
         edir = os.path.join(data_path, exchange)
         try:
             symbols = os.listdir(edir)
         except FileNotFoundError:
             continue
+        for name in sorted(symbols):  # the exchange's gap ledger and day manifests go with their day
+            m = _DAY_FILE_RE.match(name)
+            if m and day_index(m.group(1)) < before_day:
+                yield os.path.join(edir, name), m.group(1)
         for symbol in sorted(symbols):
             if not valid_symbol(symbol):
                 continue
@@ -161,20 +168,20 @@ def repair_all(data_path: str, days: set[str] | None = None) -> list[tuple[Table
     return repaired
 
 
-def last_trades(data_path: str, key: TableKey, n: int) -> list[tuple[int, int, int]]:
-    """``(id, sec, nanos)`` of up to the last ``n`` whole rows of a TRADES table."""
+def last_trades(data_path: str, key: TableKey, n: int, names=("id", "time", "nanos")) -> list[tuple]:
+    """The ``names`` columns of up to the last ``n`` whole rows of a TRADES table, oldest first."""
     columns = {c.name: c for c in COLUMNS[KIND_TRADES]}
     rows = min(table_rows(data_path, key).values())
     take = min(rows, n)
     if take == 0:
         return []
-    values = {}
-    for name in ("id", "time", "nanos"):
+    values = []
+    for name in names:
         column = columns[name]
         with open(column_path(data_path, key, column), "rb") as fh:
             fh.seek((rows - take) * column.width)
-            values[name] = struct.unpack("<%d%s" % (take, column.code), fh.read(take * column.width))
-    return list(zip(values["id"], values["time"], values["nanos"]))
+            values.append(struct.unpack("<%d%s" % (take, column.code), fh.read(take * column.width)))
+    return list(zip(*values))
 
 
 class TableFiles:

@@ -63,6 +63,7 @@ from .exchanges import adapter_for
 from .exchanges.base import SymbolInfo, reshard, resolve_symbols
 from .logs import LogReceiver
 from .reload import plan_reload
+from .backfill import rest_bucket
 from .rest import RestClient, RestError
 from .settings import ConfigError, Settings
 from .stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
@@ -184,9 +185,11 @@ class ExchangeStatus:
 class DiscoveryThread(threading.Thread):
     """Fetch one exchange's symbols over REST, retrying until it works or we stop."""
 
-    def __init__(self, settings, generation: int, results: queue.Queue, wake, stop: threading.Event):
+    def __init__(self, settings, generation: int, results: queue.Queue, wake, stop: threading.Event,
+                 data_path: str):
         super().__init__(name="discover-" + settings.name, daemon=True)
         self.xsettings = settings
+        self.data_path = data_path
         self.generation = generation
         self.results = results
         self.wake = wake
@@ -194,7 +197,9 @@ class DiscoveryThread(threading.Thread):
 
     def run(self) -> None:
         adapter = adapter_for(self.xsettings)
-        rest = RestClient(timeout=self.xsettings.rest_timeout_secs, retries=self.xsettings.rest_retries)
+        bucket = rest_bucket(self.data_path, adapter)
+        rest = RestClient(timeout=self.xsettings.rest_timeout_secs, retries=self.xsettings.rest_retries,
+                          bucket=bucket, cost=adapter.history.discovery_cost)
         backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
         try:
             while not self.stop_event.is_set():
@@ -212,6 +217,7 @@ class DiscoveryThread(threading.Thread):
                 return
         finally:
             rest.close()
+            bucket.close()
 
 
 class Supervisor:
@@ -333,7 +339,7 @@ class Supervisor:
         status.discovery_stop = threading.Event()
         status.generation += 1
         DiscoveryThread(self.settings.exchange(name), status.generation, self.discovered, self.wake,
-                        status.discovery_stop).start()
+                        status.discovery_stop, self.settings.logger.data_path).start()
 
     def _take_discoveries(self, now: float) -> None:
         while True:
@@ -385,13 +391,11 @@ class Supervisor:
         status.state = RUNNING
         status.error = ""
         status.symbols = sum(len(s) for s in shards)
-        # Each worker gets an equal share of the exchange's connection budget,
-        # and first starts are staggered so the shards together stay within it.
-        interval = len(shards) / adapter.connect_rate
+        # The shards' connection attempts draw on one shared bucket per exchange (the worker paces itself).
         new = [symbols for symbols in wanted if symbols not in kept]
-        for i, symbols in enumerate(new):
-            spec = WorkerSpec(self._next_slot, name, self._free_shard_number(name), symbols, interval)
-            self._add_slot(spec, now + i / adapter.connect_rate)
+        for symbols in new:
+            spec = WorkerSpec(self._next_slot, name, self._free_shard_number(name), symbols)
+            self._add_slot(spec, now)
         log.info("%s: %d symbols in %d shards (%d kept running, %d started)", name, status.symbols, len(shards),
                  len(shards) - len(new), len(new))
 
@@ -480,7 +484,7 @@ class Supervisor:
         )
         self.slots[slot.id] = slot
         self._next_slot += 1
-        self._send_writer({"op": "add", "slot": slot.id}, [slot.pipe_r.fileno()])
+        self._send_writer(_add_message(slot), [slot.pipe_r.fileno()])
         return slot
 
     # -- processes ------------------------------------------------------------------
@@ -527,7 +531,7 @@ class Supervisor:
         self.writer_machine.on_started(now)
         log.info("started writer as pid %d (restart %d)", process.pid, self.writer_machine.restarts)
         for slot in self.slots.values():
-            self._send_writer({"op": "add", "slot": slot.id}, [slot.pipe_r.fileno()])
+            self._send_writer(_add_message(slot), [slot.pipe_r.fileno()])
 
     def _send_writer(self, msg: dict, fds: list[int]) -> bool:
         if self.writer_control is None:
@@ -686,6 +690,12 @@ class Supervisor:
             except OSError:
                 pass
         return total
+
+
+def _add_message(slot: Slot) -> dict:
+    """The writer's "add" command: the slot, its exchange, and its symbols with their exchange spellings."""
+    return {"op": "add", "slot": slot.id, "exchange": slot.spec.exchange,
+            "symbols": [[s.symbol, s.exchange_name] for s in slot.spec.symbols]}
 
 
 def _kill(pid: int, sig: int) -> None:

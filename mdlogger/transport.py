@@ -23,7 +23,7 @@ the next reader blocked in ``recv`` for the rest of it. So:
 Frame layout (little-endian)::
 
     magic  4s   b"MDL\\x01"
-    kind   u8   1 = MD, 2 = TRADES, 3 = snapshot trades (records.KIND_*)
+    kind   u8   1 = MD, 2 = TRADES, 3 = snapshot trades, 4 = resume markers (records.KIND_*)
     exch   u8   records.EXCHANGE_CODES
     count  u16  number of records
     crc    u32  zlib.crc32 of the records
@@ -43,7 +43,7 @@ import time
 import zlib
 from typing import Iterator
 
-from .records import KIND_MD, KIND_SNAPSHOT, KIND_TRADES, WIRE
+from .records import KIND_MD, KIND_RESUME, KIND_SNAPSHOT, KIND_TRADES, TRADE_WIRE, WIRE
 
 MAGIC = b"MDL\x01"
 HEADER = struct.Struct("<4sBBHI")
@@ -51,6 +51,8 @@ FRAME_MAX = select.PIPE_BUF  # 4096 on Linux
 MAX_RECORDS = {kind: (FRAME_MAX - HEADER.size) // wire.size for kind, wire in WIRE.items()}
 PIPE_SIZE = 1 << 20  # ask the kernel for 1 MiB pipes (the unprivileged maximum)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_TRADE_TIME = struct.Struct("<II")
+_TRADE_TIME_AT = struct.calcsize("<24sQ")  # offset of time/nanos in a TRADE_WIRE record
 
 
 def set_pipe_size(fd: int, size: int = PIPE_SIZE) -> int:
@@ -143,6 +145,24 @@ class FrameSender:
         if self._nsnap >= self._max_trades:
             self._seal_snapshot()
 
+    def add_resume(self, records: list[bytes]) -> None:
+        """Queue resume markers now, after every trade added before them (order is what they mean)."""
+        if self._nsnap:
+            self._seal_snapshot()
+        if self._ntrades:
+            self._seal_trades()
+        per = self._max_trades
+        for i in range(0, len(records), per):
+            chunk = records[i : i + per]
+            self._queue(KIND_RESUME, b"".join(chunk), len(chunk))
+
+    def last_trade_time(self) -> tuple[int, int] | None:
+        """``(sec, nanos)`` of the last trade added, while it still waits in a batch."""
+        buf = self._trades if self._ntrades else (self._snap if self._nsnap else None)
+        if not buf:
+            return None
+        return _TRADE_TIME.unpack_from(buf, len(buf) - TRADE_WIRE.size + _TRADE_TIME_AT)
+
     def add(self, kind: int, record: bytes) -> None:
         {KIND_TRADES: self.add_trade, KIND_MD: self.add_md, KIND_SNAPSHOT: self.add_snapshot}[kind](record)
 
@@ -179,6 +199,8 @@ class FrameSender:
         if not (self._ntrades or self._nmd or self._nsnap):
             self.seal_at = math.inf
         frame = encode_frame(kind, self.exchange, records)
+        if kind == KIND_RESUME:
+            count = 0  # markers, not records: they do not count as records sent or dropped
         if self.buffered_bytes + len(frame) > self.max_buffer_bytes:
             self.dropped_records += count
             return

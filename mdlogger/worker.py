@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import ssl
 import struct
@@ -37,6 +38,8 @@ import websocket
 
 from . import records as rec
 from .backoff import Backoff
+from .budget import SharedBucket, runtime_dir
+from .clock import ClockSampler, clock_note
 from .exchanges import adapter_for
 from .exchanges.base import Pause, Reconnect, Refused, Rotate, Sink, SymbolInfo
 from .logs import configure_child
@@ -54,6 +57,10 @@ RATE_WINDOW_SECS = 5.0  # the rate on /health is measured over this window
 SAMPLE_MAX = 300
 OVERLAP_SECS = 3.0  # both connections are read this long when one replaces the other
 OVERLAP_POLL_SECS = 0.01
+CONNECT_BURST = 3.0  # connection attempts an exchange's shards may make at once from a full bucket
+RECONNECT_JITTER_SECS = 0.25  # after a connection that delivered data, the next attempt waits at most this
+CLOCK_SAMPLE_SECS = 0.01  # at most one clock-offset sample per this many seconds
+CLOCK_PUBLISH_SECS = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,6 @@ class WorkerSpec:
     exchange: str
     shard: int  # index of this shard within its exchange
     symbols: tuple[SymbolInfo, ...]
-    connect_interval: float  # minimum seconds between this worker's connection attempts
 
     @property
     def label(self) -> str:
@@ -166,6 +172,7 @@ class WorkerSink(Sink):
         self.note = note or Note()
         self.refused_symbols: set[str] = set()
         self._logged_reasons: set[str] = set()
+        self.clock: ClockSampler | None = None
         self._md_pack = rec.MD_WIRE.pack
         self._trade_pack = rec.TRADE_WIRE.pack
         self._add_md = sender.add_md
@@ -191,6 +198,8 @@ class WorkerSink(Sink):
     def refuse(self, reason: str, sample) -> None:
         if reason not in DROP_REASONS:
             reason = "unknown_type"
+        if reason == "bad_time" and self.clock is not None and isinstance(sample, str) and sample.isdigit():
+            self.clock.sample(time.time_ns(), int(sample), 0)  # a refused time still tells how far off the clocks are
         self.stats.add("drop_" + reason)
         self.stats.add("parse_errors")
         if reason not in self._logged_reasons:
@@ -283,11 +292,17 @@ class Worker:
         self.sender = FrameSender(data_fd, rec.EXCHANGE_CODES[spec.exchange], settings.logger.worker_buffer_bytes,
                                   settings.logger.batch_max_delay_ms / 1000.0)
         self.sink = WorkerSink(self.sender, stats, spec.label, note)
+        self.clock = self.sink.clock = ClockSampler(min_interval_secs=CLOCK_SAMPLE_SECS)
         self.backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
         self.stop_requested = False
         self.parent = os.getppid()
         self.batch_delay = settings.logger.batch_max_delay_ms / 1000.0
-        self.last_connect = 0.0
+        # One bucket of connection attempts per exchange, shared by all its shards (every process).
+        self.connects = SharedBucket(os.path.join(runtime_dir(settings.logger.data_path), "%s.connect" % spec.exchange),
+                                     self.adapter.connect_rate, CONNECT_BURST)
+        self.first_connection = True  # a resume after it means a restart, after later ones a reconnect
+        self._next_clock_publish = 0.0
+        self._last_clock_note = 0.0
         self.messages = 0
         self._published = {"messages": 0, "md": 0, "trades": 0, "dropped": 0, "frames": 0, "records": 0}
         self._rate_mark = (time.monotonic(), 0)
@@ -305,6 +320,7 @@ class Worker:
             if self.stop_requested:
                 break
             delay = None
+            records_before = self.sink.md + self.sink.trades
             try:
                 self._connection()
             except Pause as exc:
@@ -314,11 +330,11 @@ class Worker:
                 log.info("%s: reconnecting as the exchange asked: %s", self.spec.label, exc)
             except ConnectionLost as exc:
                 log.warning("%s: connection lost: %s", self.spec.label, exc)
-                delay = self.backoff.next_delay()
+                delay = self._retry_delay(records_before)
             except (websocket.WebSocketException, OSError, ssl.SSLError) as exc:
                 level = logging.INFO if self.stop_requested else logging.WARNING
                 log.log(level, "%s: connection failed: %s: %s", self.spec.label, type(exc).__name__, exc)
-                delay = self.backoff.next_delay()
+                delay = self._retry_delay(records_before)
             self._disconnected()
             if delay and not self.stop_requested:
                 log.info("%s: reconnecting in %.1f s", self.spec.label, delay)
@@ -332,6 +348,7 @@ class Worker:
             lost = self.sender.discard_waiting()
             log.error("%s: the writer did not take %d records before shutdown", self.spec.label, lost)
         self._publish()
+        self.connects.close()
         log.info("%s: stopped after %d messages", self.spec.label, self.messages)
         return EXIT_OK
 
@@ -344,11 +361,26 @@ class Worker:
             time.sleep(min(left, TICK_SECS))
             self._tick(time.monotonic())
 
+    def _retry_delay(self, records_before: int) -> float:
+        """How long to wait before the next attempt.
+
+        A connection that subscribed and delivered data worked: the exchange
+        dropped it (load shedding, a flapping network), so the backoff starts
+        again and the next attempt goes out at once, with a little jitter.
+        Only attempts that failed before any data escalate the backoff.
+        """
+        if self.sink.md + self.sink.trades > records_before:
+            self.backoff.reset()
+            return random.uniform(0.0, min(RECONNECT_JITTER_SECS, self.xsettings.reconnect_delay_secs))
+        return self.backoff.next_delay()
+
     def _pace_connect(self) -> None:
-        wait = self.last_connect + self.spec.connect_interval - time.monotonic()
-        if wait > 0:
-            self._sleep(wait)
-        self.last_connect = time.monotonic()
+        """Wait for a token of the exchange's shared connection budget (ticking meanwhile)."""
+        while not self.stop_requested:
+            wait = self.connects.try_acquire()
+            if wait <= 0:
+                return
+            self._sleep(min(wait, 1.0))
 
     def _disconnected(self) -> None:
         if self.stats.get("connected"):
@@ -377,8 +409,18 @@ class Worker:
         log.info("%s: connected to %s, subscribed %d symbols", self.spec.label, url, len(symbols))
         return link
 
+    def _resume_markers(self) -> None:
+        """Tell the writer a connection (re)started for every symbol, after all that came before."""
+        sec, nanos = divmod(time.time_ns(), 1_000_000_000)
+        first = 1 if self.first_connection else 0
+        self.first_connection = False
+        pack = rec.TRADE_WIRE.pack
+        self.sender.add_resume([pack(rec.symbol_bytes(info.symbol), first, sec, nanos, 0.0, 0.0, 0, rec.ZERO_ID,
+                                     rec.ZERO_ID) for info in self.spec.symbols])
+
     def _connection(self) -> None:
         link = self._open(self.sink)
+        self._resume_markers()
         try:
             self.stats.set("connected", 1)
             self.stats.set("connected_since", time.time())
@@ -459,6 +501,8 @@ class Worker:
         recv_frame = ws.recv_frame  # frames as they come: we answer pings and join fragments ourselves
         op_text = websocket.ABNF.OPCODE_TEXT
         monotonic, time_ns = time.monotonic, time.time_ns
+        clock = self.clock
+        next_sample = 0.0
         last_frame = monotonic()
         timeout = TICK_SECS
         ws.settimeout(timeout)
@@ -478,7 +522,17 @@ class Worker:
                     try:
                         if len(data) > max_frame:
                             raise Refused("oversized", data[:64])
-                        on_message(data, time_ns())
+                        if now < next_sample:
+                            on_message(data, time_ns())
+                        else:
+                            before = sender.trades_added
+                            recv_ns = time_ns()
+                            on_message(data, recv_ns)
+                            if sender.trades_added != before:
+                                taken = sender.last_trade_time()
+                                if taken is not None:
+                                    clock.sample(recv_ns, *taken)
+                                    next_sample = now + CLOCK_SAMPLE_SECS
                     except Refused as exc:
                         sink.refuse(exc.reason, exc.detail or data)
                 else:
@@ -557,6 +611,13 @@ class Worker:
         if now - since >= RATE_WINDOW_SECS:
             self.stats.set("rate", (self.messages - count) / (now - since))
             self._rate_mark = (now, self.messages)
+        if now >= self._next_clock_publish:
+            self._next_clock_publish = now + CLOCK_PUBLISH_SECS
+            p50, _, n = self.clock.publish(self.stats)
+            note = clock_note(p50, int(self.stats.get("drop_bad_time"))) if n else None
+            if note and now - self._last_clock_note >= RATE_LOG_SECS:
+                self._last_clock_note = now
+                log.warning("%s: %s", self.spec.label, note)
         if now - self._last_rate_log >= RATE_LOG_SECS:
             self._last_rate_log = now
             log.info("%s: %.1f msg/s, %d messages, %d records, %d dropped, %d refused",
@@ -616,4 +677,4 @@ def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, no
 
 def sample_spec(exchange: str, symbols: Sequence[SymbolInfo]) -> WorkerSpec:
     """A one-shard spec (used by `mdlogger-supervisor test`)."""
-    return WorkerSpec(slot=0, exchange=exchange, shard=0, symbols=tuple(symbols), connect_interval=0.0)
+    return WorkerSpec(slot=0, exchange=exchange, shard=0, symbols=tuple(symbols))

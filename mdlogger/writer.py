@@ -3,28 +3,40 @@
 ::
 
     slot pipes (one per worker slot)          control socket (SEQPACKET)
-          |  frames of packed records               |  add/remove slot (+ fd), drain
+          |  frames of packed records               |  add (fd, exchange, symbols) / remove slot, drain
           v                                         v
-    FrameReader.fill -> frames_ready -> Writer.take_frame -> pending rows per table-day
+    FrameReader.fill -> frames_ready -> Writer.take_frame
+          MD rows ------------------------------------------------+
+          trades, snapshot trades, resume markers                  |
+             -> GapEngine (one per exchange, mdlogger/gaps.py):    |
+                dedupe against the mark, detect gaps, hold rows    |
+                behind an open gap  --request--> backfill threads  |
+                (REST, mdlogger/backfill.py) --filled/failed--+    |
+                <-- wake-up pipe + results queue -------------+    |
+             -> rows in exchange order ----------------------------+-> pending rows per table-day
                                                               |
-                           every flush_interval_secs, or when a table holds
-                           buffer_size bytes: TableFiles.append (all columns
-                           of the table, all or nothing)
+                           every flush_interval_secs (50 ms by default), or when a table
+                           holds buffer_size bytes: TableFiles.append (all columns of the
+                           table, all or nothing) -- rows reach the OS promptly, so a writer
+                           crash loses nothing a worker handed over (held rows excepted:
+                           their gap is detected again at the next start and fetched)
                                                               |
-                                           every fsync_interval_secs and at exit: fsync
+                 every fsync_interval_secs and at exit: fsync (data and the gap ledger)
+                 every 30 s: seal finished days (mdlogger/seal.py) whose gaps are settled
 
 On start-up it repairs torn tables of the last days (a previous writer or the
 whole tree may have been killed mid-flush). On ``drain`` (the supervisor has
 stopped every worker) or when the supervisor disappears, it reads every pipe
-dry, flushes, fsyncs and exits 0.
+dry, gives open gaps a moment to be filled, flushes, fsyncs and exits 0.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
+import queue
+import select
 import selectors
 import signal
 import socket
@@ -32,9 +44,15 @@ import time
 from collections import OrderedDict
 
 from . import records as rec
+from . import seal
+from .backfill import Backfiller
+from .exchanges import ADAPTERS
+from .exchanges.base import SymbolInfo
+from .gaps import GapEngine
+from .ledger import Gap, GapLedger, read_gaps
 from .logs import configure_child
 from .settings import Settings
-from .stats import WRITER_FIELDS, Block
+from .stats import GAP_EXCHANGES, WRITER_FIELDS, Block, gap_field
 from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all
 from .transport import FrameReader
 
@@ -43,18 +61,11 @@ log = logging.getLogger("mdlogger.writer")
 MAX_OPEN_TABLES = 256
 MARK_TAIL_ROWS = 256  # rows read from the end of a day's trades to recover the mark
 REPAIR_DAYS_BACK = 3
+SEAL_CHECK_SECS = 30.0  # how often the writer looks for days to seal
+STOP_WAIT_SECS = 2.0  # at a stop, open gaps get this long to be filled before their held rows go out
 EXIT_OK = 0
-
-
-_BY_ID = operator.itemgetter(1)
-_BY_TIME = operator.itemgetter(2, 3)
-
-
-def _newer(row: tuple, mark: list) -> bool:
-    """A trade row (symbol, id, sec, nanos, ...) is newer than the mark: by id when both have one."""
-    if row[1] and mark[0]:
-        return row[1] > mark[0]
-    return (row[2], row[3]) > (mark[1], mark[2])
+CONTROL_MAX = 1 << 20  # largest control message: an "add" lists the slot's symbols
+_MARK_COLUMNS = ("id", "time", "nanos", "price", "size", "side")
 
 
 def writer_main(settings: Settings, control: socket.socket, stats_array, log_conn, log_level: int) -> None:
@@ -86,12 +97,22 @@ class Writer:
         self.max_pending = max(settings.logger.worker_buffer_bytes, 4 * self.buffer_size)
         self.files: OrderedDict[TableKey, TableFiles] = OrderedDict()
         self.readers: dict[int, FrameReader] = {}  # slot -> reader
-        self.marks: dict[tuple[str, str], list] = {}  # (exchange, symbol) -> [id, sec, nanos]
         self.retention_done_for = -1  # the day index retention last ran on
         self.selector = selectors.DefaultSelector()
         self.last_flush = time.monotonic()
         self.last_fsync = time.monotonic()
         self._io_error_logged = 0.0
+        self.slot_exchange: dict[int, str] = {}
+        self.engines: dict[str, GapEngine] = {}
+        self._orphan_book: dict[str, dict[str, list]] = {}
+        self.ledger = GapLedger(self.data_path)
+        self.sealed: dict[tuple[str, str], bool] = {}  # (exchange, day) -> sealed
+        self.seal_grace = settings.logger.seal_grace_secs
+        self.last_seal_check = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.backfiller = Backfiller(settings, self._wake_w)
 
     # -- start-up ---------------------------------------------------------
     def repair(self) -> None:
@@ -112,6 +133,7 @@ class Writer:
     def serve(self, control: socket.socket) -> None:
         control.setblocking(False)
         self.selector.register(control, selectors.EVENT_READ, "control")
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "backfill")
         # While too much waits for the disk, only the control socket is
         # watched: the pipes fill, and workers count what they must drop.
         control_only = selectors.DefaultSelector()
@@ -127,6 +149,8 @@ class Writer:
                     if not self._on_control(control):
                         self.drain_and_close()
                         return
+                elif key.data == "backfill":
+                    self.take_backfills()
                 elif key.data in self.readers and self.pending_total < self.max_pending:
                     self._read_slot(key.data)  # (a slot removed earlier in this batch is skipped)
             self._tick()
@@ -157,18 +181,40 @@ class Writer:
         now = time.monotonic()
         self.apply_retention()
         self.stats.set("heartbeat", now)
+        for engine in self.engines.values():
+            engine.expire()
         if now - self.last_flush >= self.settings.logger.flush_interval_secs:
             self.flush_all()
         if now - self.last_fsync >= self.settings.logger.fsync_interval_secs:
             self.fsync_all()
+        if now - self.last_seal_check >= SEAL_CHECK_SECS:
+            self.last_seal_check = now
+            self.seal_due()
         self.stats.set("pending_rows", sum(len(rows) for rows in self.pending.values()))
         self.stats.set("open_tables", len(self.files))
+        self._publish_gaps()
+
+    def _publish_gaps(self) -> None:
+        held = 0
+        for name, engine in self.engines.items():
+            held += engine.held_rows()
+            if name not in GAP_EXCHANGES:
+                continue
+            c = engine.counts
+            for field, value in (("gaps_detected", c["detected"]), ("gaps_filled", c["filled"]),
+                                 ("gaps_empty", c["empty"]), ("gaps_unrecoverable", c["unrecoverable"]),
+                                 ("gaps_pending", engine.pending()), ("trades_backfilled", c["backfilled"]),
+                                 ("rest_calls", self.backfiller.calls.get(name, 0)),
+                                 ("oldest_pending_gap", engine.oldest_pending())):
+                self.stats.set(gap_field(field, name), value)
+        self.stats.set("held_rows", held)
+        self.stats.set("duplicates", sum(e.counts["duplicates"] for e in self.engines.values()))
 
     def _on_control(self, control: socket.socket) -> bool:
         """Handle control messages; False when the writer must drain and exit."""
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(control, 4096, 4)
+                data, fds, _flags, _addr = socket.recv_fds(control, CONTROL_MAX, 4)
             except BlockingIOError:
                 return True
             except ConnectionError:
@@ -181,7 +227,7 @@ class Writer:
             msg = json.loads(data)
             op = msg["op"]
             if op == "add":
-                self.add_slot(msg["slot"], fds[0])
+                self.add_slot(msg["slot"], fds[0], msg.get("exchange"), msg.get("symbols", ()))
             elif op == "remove":
                 self.remove_slot(msg["slot"])
             elif op == "drain":
@@ -190,9 +236,12 @@ class Writer:
             else:
                 log.error("unknown control message %r", msg)
 
-    def add_slot(self, slot: int, fd: int) -> None:
+    def add_slot(self, slot: int, fd: int, exchange: str | None = None, symbols=()) -> None:
         if slot in self.readers:
             self.remove_slot(slot)
+        if exchange:
+            self.slot_exchange[slot] = exchange
+            self.backfiller.know(exchange, [SymbolInfo(sym, name, *sym.split("-", 1)) for sym, name in symbols])
         reader = FrameReader(fd)
         self.readers[slot] = reader
         self.selector.register(fd, selectors.EVENT_READ, slot)
@@ -224,75 +273,195 @@ class Writer:
         if exchange is None:
             self.stats.add("refused_records", len(records) // wire.size)
             return
-        tindex = rec.TIME_INDEX[kind]
-        row_size = wire.size
-        day_string = rec.day_string
-        groups: dict[tuple, list] = {}
+        if kind == rec.KIND_MD:
+            self._take_md(exchange, records)
+            return
+        by_symbol: dict[bytes, list] = {}
         for row in wire.iter_unpack(records):
-            gk = (row[0], row[tindex] // 86400)
+            bucket = by_symbol.get(row[0])
+            if bucket is None:
+                bucket = by_symbol[row[0]] = []
+            bucket.append(row)
+        engine = self.engine(exchange)
+        for sym, rows in by_symbol.items():
+            symbol = sym.rstrip(b"\0")
+            if not rec.valid_symbol_bytes(symbol):
+                self.stats.add("refused_records", len(rows))
+                continue
+            if symbol != sym:
+                rows = [(symbol,) + row[1:] for row in rows]
+            if kind == rec.KIND_RESUME:
+                engine.resume(symbol, "restart" if rows[-1][1] == 1 else "reconnect")
+            else:
+                engine.trades(symbol, rows, kind == rec.KIND_SNAPSHOT)
+
+    def _take_md(self, exchange: str, records: bytes) -> None:
+        groups: dict[tuple, list] = {}
+        for row in rec.MD_WIRE.iter_unpack(records):
+            gk = (row[0], row[1] // 86400)
             bucket = groups.get(gk)
             if bucket is None:
                 bucket = groups[gk] = []
             bucket.append(row)
-        table_kind = rec.KIND_MD if kind == rec.KIND_MD else rec.KIND_TRADES
         for (sym, day_no), rows in groups.items():
             symbol = sym.rstrip(b"\0")
             if not rec.valid_symbol_bytes(symbol):
                 self.stats.add("refused_records", len(rows))
                 continue
-            name = symbol.decode("ascii")
-            if table_kind == rec.KIND_TRADES:
-                rows = self._apply_mark(exchange, name, rows, kind == rec.KIND_SNAPSHOT)
-                if not rows:
+            self._pend(TableKey(exchange, symbol.decode("ascii"), rec.KIND_MD, rec.day_string(day_no * 86400)),
+                       rows, rec.MD_WIRE.size)
+
+    def _store_trades(self, exchange: str, symbol: bytes, rows: list) -> None:
+        """Rows the gap engine let through, in order: into the table of each row's day."""
+        name = symbol.decode("ascii")
+        day_no = rows[0][2] // 86400
+        if rows[-1][2] // 86400 == day_no:
+            self._pend(TableKey(exchange, name, rec.KIND_TRADES, rec.day_string(rows[0][2])), rows,
+                       rec.TRADE_WIRE.size)
+            return
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i][2] // 86400 != rows[start][2] // 86400:
+                self._pend(TableKey(exchange, name, rec.KIND_TRADES, rec.day_string(rows[start][2])),
+                           rows[start:i], rec.TRADE_WIRE.size)
+                start = i
+
+    def _pend(self, key: TableKey, rows: list, row_size: int) -> None:
+        if self._is_sealed(key.exchange, key.day):
+            self.stats.add("late_rows", len(rows))
+            log.error("%s/%s/%s: %d rows for day %s, which is sealed: refused", key.exchange, key.symbol,
+                      key.table, len(rows), key.day)
+            return
+        pending = self.pending.get(key)
+        if pending is None:
+            pending = self.pending[key] = []
+            self.pending_bytes[key] = 0
+        pending.extend(rows)
+        added = len(rows) * row_size
+        self.pending_bytes[key] += added
+        self.pending_total += added
+        if self.pending_bytes[key] >= self.buffer_size:
+            self.flush_table(key)
+
+    # -- gaps ------------------------------------------------------------------
+    def engine(self, exchange: str) -> GapEngine:
+        engine = self.engines.get(exchange)
+        if engine is None:
+            cls = ADAPTERS.get(exchange)
+            spec = getattr(cls, "history", None)
+            xs = self.settings.exchange(exchange)
+            engine = self.engines[exchange] = GapEngine(
+                exchange,
+                consecutive_ids=bool(spec and spec.consecutive_ids),
+                emit=lambda symbol, rows, x=exchange: self._store_trades(x, symbol, rows),
+                request=lambda og, x=exchange: self.backfiller.submit(x, og),
+                record=self._record_gap,
+                load_mark=lambda symbol, x=exchange: self._mark_rows(x, symbol),
+                load_orphans=lambda symbol, x=exchange: self._orphans(x, symbol),
+                hold_secs=xs.backfill_hold_secs,
+                max_lookback_secs=xs.backfill_max_secs,
+                wall=self.clock,
+            )
+        return engine
+
+    def _record_gap(self, gap) -> None:
+        try:
+            self.ledger.record(gap)
+        except OSError as exc:
+            self.stats.add("io_errors")
+            log.error("gap ledger: cannot record %s %s: %s", gap.exchange, gap.symbol, exc)
+        level = logging.INFO if gap.fate in ("pending", "filled", "empty") else logging.WARNING
+        log.log(level, "%s %s: gap after id %d / %d.%09d (%s): %s%s%s", gap.exchange, gap.symbol, gap.from_id,
+                gap.from_sec, gap.from_nanos, gap.why, gap.fate,
+                " (%d trades)" % gap.trades if gap.fate == "filled" else "",
+                ": " + gap.detail if gap.detail else "")
+
+    def take_backfills(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                outcome, exchange, gap_id, payload = self.backfiller.results.get_nowait()
+            except queue.Empty:
+                return
+            engine = self.engines.get(exchange)
+            if engine is None:
+                continue
+            if outcome == "filled":
+                engine.filled(gap_id, payload)
+            elif outcome == "partial":
+                engine.filled(gap_id, payload[0], partial=payload[1])
+            else:
+                engine.failed(gap_id, payload)
+
+    def _orphans(self, exchange: str, symbol: str) -> list:
+        """Gaps of a symbol that an earlier writer recorded as pending and never settled (it was killed)."""
+        book = self._orphan_book.get(exchange)
+        if book is None:
+            book = self._orphan_book[exchange] = {}
+            today = int(self.clock()) // 86400
+            for d in (-1, 0):
+                try:
+                    entries = read_gaps(self.data_path, exchange, rec.day_string((today + d) * 86400))
+                except OSError as exc:
+                    log.error("gap ledger of %s: %s", exchange, exc)
                     continue
-            key = TableKey(exchange, name, table_kind, day_string(day_no * 86400))
-            pending = self.pending.get(key)
-            if pending is None:
-                pending = self.pending[key] = []
-                self.pending_bytes[key] = 0
-            pending.extend(rows)
-            added = len(rows) * row_size
-            self.pending_bytes[key] += added
-            self.pending_total += added
-            if self.pending_bytes[key] >= self.buffer_size:
-                self.flush_table(key)
+                for entry in entries:
+                    if entry.get("fate") == "pending":
+                        book.setdefault(entry["symbol"], []).append(Gap.from_dict(entry))
+        return book.pop(symbol, [])
 
-    # -- the last stored trade per symbol ---------------------------------------
-    def _apply_mark(self, exchange: str, symbol: str, rows: list, snapshot: bool) -> list:
-        """Keep snapshot trades newer than the symbol's last stored trade; move the mark.
-
-        The mark is ``[id, sec, nanos]`` of the newest trade stored (or
-        pending) for the symbol, recovered from the files the first time the
-        symbol is seen, so it survives worker and writer restarts.
-        """
-        mark = self.marks.get((exchange, symbol))
-        if mark is None:
-            mark = self.marks[(exchange, symbol)] = self._mark_from_disk(exchange, symbol)
-        if snapshot:
-            kept = [r for r in rows if _newer(r, mark)]
-            if len(kept) != len(rows):
-                self.stats.add("duplicates", len(rows) - len(kept))
-            rows = kept
-        if rows:
-            top_id = max(rows, key=_BY_ID)[1]
-            newest = max(rows, key=_BY_TIME)
-            if top_id > mark[0]:
-                mark[0] = top_id
-            if (newest[2], newest[3]) > (mark[1], mark[2]):
-                mark[1], mark[2] = newest[2], newest[3]
-        return rows
-
-    def _mark_from_disk(self, exchange: str, symbol: str) -> list:
+    def _mark_rows(self, exchange: str, symbol: str) -> list:
+        """The last stored trades of a symbol (yesterday's, today's and tomorrow's files), oldest first."""
         today = int(self.clock()) // 86400
-        mark = [0, 0, 0]
+        rows = []
         for d in (-1, 0, 1):
             key = TableKey(exchange, symbol, rec.KIND_TRADES, rec.day_string((today + d) * 86400))
-            last = last_trades(self.data_path, key, MARK_TAIL_ROWS)
-            for tid, sec, nanos in last:
-                mark[0] = max(mark[0], tid)
-                if (sec, nanos) > (mark[1], mark[2]):
-                    mark[1], mark[2] = sec, nanos
-        return mark
+            rows.extend(last_trades(self.data_path, key, MARK_TAIL_ROWS, _MARK_COLUMNS))
+        return rows
+
+    # -- sealed days -------------------------------------------------------------
+    def _is_sealed(self, exchange: str, day: str) -> bool:
+        known = self.sealed.get((exchange, day))
+        if known is None:
+            known = self.sealed[(exchange, day)] = seal.is_sealed(self.data_path, exchange, day)
+        return known
+
+    def seal_due(self) -> list:
+        """Seal every finished day (plus grace) whose gaps are all settled."""
+        done = []
+        try:
+            due = seal.days_to_seal(self.data_path, self.clock(), self.seal_grace)
+        except OSError as exc:
+            log.error("cannot look for days to seal: %s", exc)
+            return done
+        for exchange, day in due:
+            engine = self.engines.get(exchange)
+            day_end = (rec.day_index(day) + 1) * 86400
+            if engine is not None and engine.pending_since(day_end):
+                continue  # a gap of that day is still being filled
+            for key in [k for k in self.pending if k.exchange == exchange and k.day == day]:
+                self.flush_table(key)
+            for key, files in list(self.files.items()):
+                if key.exchange == exchange and key.day == day:
+                    files.fsync()
+                    files.close()
+                    del self.files[key]
+            try:
+                self.ledger.sync()
+                path = seal.seal_day(self.data_path, exchange, day)
+            except OSError as exc:
+                self.stats.add("io_errors")
+                log.error("cannot seal %s day %s: %s", exchange, day, exc)
+                continue
+            self.sealed[(exchange, day)] = True
+            self.stats.add("sealed_days")
+            log.info("sealed %s day %s: %s", exchange, day, path)
+            done.append((exchange, day))
+        return done
 
     # -- files --------------------------------------------------------------
     def _table(self, key: TableKey) -> TableFiles:
@@ -348,6 +517,7 @@ class Writer:
         self.stats.set("last_flush", time.time())
         self.stats.set("flush_seconds", self.last_flush - started)
         self._close_old_days()
+        self._publish_gaps()
 
     def _close_old_days(self) -> None:
         today = int(self.clock()) // 86400
@@ -357,6 +527,17 @@ class Writer:
             files.fsync()
             files.close()
 
+    def _settle_gaps(self) -> None:
+        """At a stop: give open gaps a moment, then let their held rows out (the gaps stay recorded)."""
+        deadline = time.monotonic() + STOP_WAIT_SECS
+        while any(e.pending() for e in self.engines.values()) and time.monotonic() < deadline:
+            select.select([self._wake_r], [], [], 0.05)
+            self.take_backfills()
+        for engine in self.engines.values():
+            for gap_id in list(engine.open):
+                engine.failed(gap_id, "the service stopped before it was filled")
+        self.backfiller.close()
+
     def fsync_all(self) -> None:
         for files in self.files.values():
             try:
@@ -364,10 +545,14 @@ class Writer:
             except OSError as exc:
                 self._io_error(files.key, exc)
                 break
+        try:
+            self.ledger.sync()
+        except OSError as exc:
+            log.error("gap ledger: fsync failed: %s", exc)
         self.last_fsync = time.monotonic()
 
     def drain_and_close(self) -> None:
-        """Read every pipe dry, write everything, fsync, close."""
+        """Read every pipe dry, settle open gaps, write everything, fsync, close."""
         while True:
             got = 0
             for slot in list(self.readers):
@@ -376,8 +561,11 @@ class Writer:
                     self.flush_all()
             if not got:
                 break
+        self._settle_gaps()
         self.flush_all()
         self.fsync_all()
+        self.ledger.sync()
+        self.ledger.close()
         if self.pending_total:
             self.stats.add("dropped_records", sum(len(r) for r in self.pending.values()))
             log.error("exiting with %d rows that could not be written", sum(len(r) for r in self.pending.values()))

@@ -82,6 +82,21 @@ def test_te_then_tu_is_stored_once(adapter):
     s.on_message(b'[89,"hb"]', 0)
 
 
+def test_te_tu_dedupe_is_per_symbol(adapter):
+    """Ids are not known to be unique across pairs: one id on two pairs is two trades."""
+    s, sink = session(adapter, ["tBTCUSD", "tETHUSD"])
+    s.on_message(b'{"event":"subscribed","channel":"trades","chanId":89,"symbol":"tBTCUSD","pair":"BTCUSD"}', 0)
+    s.on_message(b'{"event":"subscribed","channel":"trades","chanId":90,"symbol":"tETHUSD","pair":"ETHUSD"}', 0)
+    now = int(time.time() * 1000)
+    for chan, kind in ((89, "te"), (90, "te"), (89, "tu"), (90, "tu")):
+        s.on_message(('[%d,"%s",[555,%d,1,100]]' % (chan, kind, now)).encode(), 0)
+    s.on_message(('[90,[[556,%d,-1,101]]]' % now).encode(), 0)  # a snapshot row remembered for its own pair
+    s.on_message(('[89,"te",[556,%d,1,100]]' % now).encode(), 0)  # the same id on the other pair: kept
+    s.on_message(('[90,"tu",[556,%d,-1,101]]' % now).encode(), 0)  # its own pair's copy: dropped
+    assert [(t[0], t[1]) for t in sink.trades] == [(b"BTC-USD", 555), (b"ETH-USD", 555), (b"ETH-USD", 556),
+                                                  (b"BTC-USD", 556)]
+
+
 def test_info_codes_and_errors(adapter):
     s, sink = session(adapter, ["tBTCUSD"])
     with pytest.raises(Reconnect):

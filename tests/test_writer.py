@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from mdlogger import records as rec
 from mdlogger.reader import read_rows
 from mdlogger.settings import load_settings
@@ -132,3 +134,51 @@ def test_retention_off_by_default(tmp_path):
     feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 1, DAY - 30 * 86400)])
     w.flush_all()
     assert w.apply_retention() == []
+
+
+def test_a_finished_day_is_sealed_after_the_grace_and_late_rows_are_refused(tmp_path):
+    from mdlogger import seal
+    from mdlogger.verify import verify_day
+
+    now = [DAY + 3600]
+    w = make_writer(tmp_path, clock=lambda: now[0])
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY + i) for i in (1, 2, 3)])
+    w.flush_all()
+    now[0] = DAY + 86400 + 599  # the next day, within the grace
+    assert w.seal_due() == []
+    now[0] = DAY + 86400 + 600
+    assert w.seal_due() == [("coinbase", "24.11.26")]
+    manifest = seal.load_manifest(str(tmp_path), "coinbase", "24.11.26")
+    assert [t["rows"] for t in manifest["tables"]] == [3]
+    assert w.stats.get("sealed_days") == 1
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 4, DAY + 4)])  # a row for the sealed day
+    w.flush_all()
+    assert ids(tmp_path) == [1, 2, 3] and w.stats.get("late_rows") == 1
+    assert verify_day(str(tmp_path), "24.11.26", {"coinbase": True}) == []
+
+
+def test_a_day_with_an_open_gap_is_not_sealed_until_the_gap_is_settled(tmp_path):
+    now = [DAY + 3600]
+    w = make_writer(tmp_path, clock=lambda: now[0])
+    w.backfiller.submit = lambda exchange, og: None  # no REST here: the gap stays open
+    feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 1, DAY + 1), trade(b"BTC-USD", 5, DAY + 5)])
+    w.flush_all()
+    assert ids(tmp_path) == [1]  # id 5 waits behind the gap 2..4
+    now[0] = DAY + 86400 + 700
+    assert w.seal_due() == []
+    engine = w.engines["coinbase"]
+    engine.filled(next(iter(engine.open)), [(b"BTC-USD", i, DAY + i, 0, 1.0, 1.0, 1, rec.ZERO_ID, rec.ZERO_ID)
+                                            for i in (2, 3, 4)])
+    assert w.seal_due() == [("coinbase", "24.11.26")]
+    assert ids(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_retention_takes_the_gap_ledger_and_manifests_of_expired_days(tmp_path):
+    from mdlogger.storage import expired_days
+
+    edir = tmp_path / "binance"
+    edir.mkdir()
+    for name in ("gaps.20.11.26.jsonl", "manifest.20.11.26.json", "gaps.24.11.26.jsonl", "notes.txt"):
+        (edir / name).write_text("{}")
+    old = sorted(os.path.basename(p) for p, _ in expired_days(str(tmp_path), rec.day_index("23.11.26")))
+    assert old == ["gaps.20.11.26.jsonl", "manifest.20.11.26.json"]

@@ -7,7 +7,11 @@ the exchange's limits, its keepalive rule) plus a few small hooks:
 * ``normalize(name)`` / ``exchange_name(symbol)``: the exchange's form <-> ``BASE-QUOTE``;
 * ``ws_url(symbols)`` and ``subscribe_messages(symbols)``;
 * ``new_session(symbols, sink)``: a per-connection parser whose
-  ``on_message(payload)`` turns one frame into records on the sink.
+  ``on_message(payload)`` turns one frame into records on the sink;
+* ``history`` (a :class:`HistorySpec`) and ``fetch_history(client, info,
+  after, before, deadline)``: the trades of a gap, from the exchange's REST
+  trade history (through a :class:`mdlogger.history.HistoryClient`), with the
+  hooks ``limited`` and ``after_reply`` that read rate-limit answers.
 
 The shared connection loop (mdlogger/worker.py) knows nothing of any
 exchange: quirks live here, expressed through the hooks and through the few
@@ -16,10 +20,11 @@ exceptions below (``Reconnect``, ``Pause``) that a session may raise.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import orjson
 
@@ -38,6 +43,39 @@ class SymbolInfo:
     active: bool = True
     tick_size: str = ""
     min_size: str = ""
+
+
+@dataclass(frozen=True)
+class HistorySpec:
+    """What the gap backfill needs to know about an exchange's REST trade history.
+
+    * ``consecutive_ids``: trade ids run +1 per symbol, so a jump in ids is a gap;
+    * ``has_ids``: stored rows carry the exchange's trade id (False: id 0, gaps by time only);
+    * ``rest_rate`` / ``rest_burst``: the REST token bucket shared by every process
+      on this IP (units: requests, or the exchange's request weight where it counts
+      weight; see each adapter's ``history_cost``);
+    * ``default_pause``: seconds to stop every REST caller after a rate-limit answer
+      that does not say how long (no usable ``Retry-After``);
+    * ``page_limit``: rows asked for per request;
+    * ``discovery_cost``: bucket tokens the symbol listing request costs (the same bucket).
+    """
+
+    consecutive_ids: bool
+    has_ids: bool
+    rest_rate: float
+    rest_burst: float
+    default_pause: float
+    page_limit: int
+    discovery_cost: float = 1.0
+
+
+class HistoryRows(list):
+    """The rows ``fetch_history`` returns (a list of ``TRADE_WIRE`` tuples, ascending),
+    plus ``skipped``: rows the field checks refused, counted by reason."""
+
+    def __init__(self, rows=()):
+        super().__init__(rows)
+        self.skipped: collections.Counter = collections.Counter()
 
 
 class Refused(Exception):
@@ -178,6 +216,56 @@ def receive_time(recv_ns: int) -> tuple[int, int]:
     return divmod(recv_ns, 1_000_000_000)
 
 
+def micro_seconds_float(value) -> tuple[int, int]:
+    """A time given as a JSON float of seconds (Kraken REST) -> (sec, nanos) to the microsecond.
+
+    ``round(t * 1e6)`` is exact for every time with whole microseconds (a double
+    near 1.7e9 is within 1.2e-7 s of the decimal it was written as); digits past
+    the microsecond are not kept by a double anyway.
+    """
+    if isinstance(value, str):
+        return decimal_seconds(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise Refused("bad_time", repr(value))
+    return check_time(rec.from_micros(round(value * 1e6)))
+
+
+def edge_millis(edge: tuple) -> int:
+    """The millisecond of an edge ``(id, sec, nanos)`` (rounded down)."""
+    return edge[1] * 1000 + edge[2] // 1_000_000
+
+
+def edge_nanos(edge: tuple) -> int:
+    return edge[1] * 1_000_000_000 + edge[2]
+
+
+def history_row(rows: HistoryRows, parse: Callable, item):
+    """``parse(item)`` -> one row tuple, or None (counted in ``rows.skipped``) when refused."""
+    try:
+        return parse(item)
+    except Refused as exc:
+        rows.skipped[exc.reason] += 1
+        return None
+    except (KeyError, IndexError, TypeError, AttributeError):
+        rows.skipped["missing_field"] += 1
+        return None
+
+
+def raw_id(item, key):
+    """The trade id under ``key`` of a row, even one the field checks refused (for paging); None if unusable."""
+    try:
+        return trade_id(item[key])
+    except (Refused, KeyError, TypeError, IndexError):
+        return None
+
+
+def ascending_by_id(rows: HistoryRows) -> HistoryRows:
+    """``rows`` sorted by trade id, each id once; keeps ``skipped``."""
+    out = HistoryRows(sorted({r[1]: r for r in rows}.values(), key=lambda r: r[1]))
+    out.skipped = rows.skipped
+    return out
+
+
 def trade_id(value) -> int:
     if isinstance(value, bool):
         raise Refused("missing_field", "trade id %r" % (value,))
@@ -283,6 +371,48 @@ class Exchange:
 
     def new_session(self, symbols: Sequence[SymbolInfo], sink: Sink) -> Session:
         return self.session_class(self, symbols, sink)
+
+    # -- REST trade history (gap backfill) ----------------------------------------------------
+    history: ClassVar[HistorySpec]
+    history_cost: ClassVar[float] = 1.0  # bucket tokens one history request costs
+
+    def rest_url(self, path: str) -> str:
+        return self.settings.rest_endpoint.rstrip("/") + path
+
+    def fetch_history(self, client, info: SymbolInfo, after: tuple, before: tuple,
+                      deadline: float | None) -> HistoryRows:
+        """The trades of ``info`` between two edges ``(id, sec, nanos)``: ``after`` is the
+        last stored trade, ``before`` the first trade after the gap.
+
+        Returns ``TRADE_WIRE``-ordered tuples ``(symbol_bytes, id, sec, nanos, price,
+        size, side, maker16, taker16)``, ascending. With ids (``history.has_ids``):
+        exactly the ids strictly between ``after`` and ``before``. Without: every trade
+        whose time t has ``after <= t <= before`` (the caller drops the edges' own
+        rows). Rows the field checks refuse are skipped and counted in
+        ``.skipped``. ``client`` is a :class:`mdlogger.history.HistoryClient`;
+        ``deadline`` a ``time.monotonic()`` stamp (None: none). Raises
+        ``HistoryError`` (a reply that cannot be used) or ``HistoryDeadline``
+        (whose ``rows`` holds what was fetched so far, see mdlogger/history.py).
+        """
+        raise NotImplementedError("%s has no REST trade history" % (self.name,))
+
+    @classmethod
+    def limited(cls, status: int, doc, headers) -> float | None:
+        """Seconds to pause every REST caller when this reply is a rate-limit answer
+        the status alone does not show (HTTP 200 with an error code, special bodies);
+        None: not one."""
+        return None
+
+    @classmethod
+    def fatal(cls, status: int, doc) -> str | None:
+        """A reason when this reply (whatever its status, 5xx included) is an answer that
+        asking again cannot change (unknown symbol, bad parameter); None: not one."""
+        return None
+
+    @classmethod
+    def after_reply(cls, headers) -> float | None:
+        """Seconds to pause every REST caller after any reply (usage headers); None: no pause."""
+        return None
 
 
 def resolve_symbols(adapter: Exchange, listed: Sequence[SymbolInfo], wanted: Sequence[str]):

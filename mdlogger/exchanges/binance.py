@@ -7,30 +7,51 @@ connection, pongs included, so our own budget is 4; 1024 streams per
 connection; 300 connection attempts per 5 minutes per IP; every connection is
 closed at 24 h; ``serverShutdown`` announces a restart. Symbols have no
 separator: they are split with ``baseAsset``/``quoteAsset``, never guessed.
+
+REST trade history (gap backfill): ``GET /api/v3/historicalTrades?symbol=&fromId=&limit=1000``,
+oldest first, weight 25 per call whatever the limit, no API key needed. The
+limit is 6000 weight per minute per IP; every reply's ``X-MBX-USED-WEIGHT-1M``
+says how much of the current minute is used. A 429 comes with ``Retry-After``;
+going on after 429s gets the IP banned (418, 2 minutes to 3 days), so a 429
+pauses every caller until Retry-After, and we pause ourselves until the next
+minute once the used weight passes 80 %.
 """
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
 from .. import records as rec
+from ..history import HistoryDeadline, HistoryError
 from ..records import ZERO_ID
 from . import base
 from .base import (
     MAX_PRICE,
     MAX_SIZE,
     Exchange,
+    HistoryRows,
+    HistorySpec,
     Refused,
     Rotate,
     Session,
     SymbolInfo,
+    ascending_by_id,
+    history_row,
     millis,
     price,
+    raw_id,
     size,
     trade_id,
 )
 
 SUBSCRIBE_CHUNK = 100  # streams per SUBSCRIBE message
+WEIGHT_PER_MINUTE = 6000  # REST request weight per minute per IP
+HISTORY_WEIGHT = 25  # weight of one historicalTrades call
+EXCHANGE_INFO_WEIGHT = 20
+USED_WEIGHT_PAUSE_AT = 0.8 * WEIGHT_PER_MINUTE  # X-MBX-USED-WEIGHT-1M past this: wait for the next minute
+NEXT_MINUTE_MARGIN_SECS = 1.0
 MAX_PAST_MS = base.MAX_PAST_SECS * 1000
 MAX_FUTURE_MS = base.MAX_FUTURE_SECS * 1000
 
@@ -181,3 +202,63 @@ class Binance(Exchange):
             chunk = streams[i : i + SUBSCRIBE_CHUNK]
             out.append(orjson.dumps({"method": "SUBSCRIBE", "params": chunk, "id": i // SUBSCRIBE_CHUNK + 1}).decode())
         return out
+
+    # -- REST trade history ---------------------------------------------------------------------
+    # The bucket counts request weight: half of 6000 per minute, so discovery (exchangeInfo,
+    # weight 20) and anything else on this IP keep room, and at most 250 + 3000 a minute.
+    history = HistorySpec(consecutive_ids=True, has_ids=True, rest_rate=WEIGHT_PER_MINUTE / 2 / 60.0,
+                          rest_burst=10.0 * HISTORY_WEIGHT, default_pause=60.0, page_limit=1000,
+                          discovery_cost=float(EXCHANGE_INFO_WEIGHT))
+    history_cost = float(HISTORY_WEIGHT)
+
+    def fetch_history(self, client, info, after, before, deadline):
+        sym = rec.symbol_bytes(info.symbol)
+        url = self.rest_url("/api/v3/historicalTrades")
+        limit = self.history.page_limit
+        rows = HistoryRows()
+        from_id = after[0] + 1
+        try:
+            while from_id < before[0]:
+                params = {"symbol": info.exchange_name, "fromId": from_id, "limit": limit}
+                doc, _ = client.get(url, params, cost=self.history_cost, deadline=deadline)
+                if not isinstance(doc, list):
+                    raise HistoryError("Binance historicalTrades: not a list: %.200r" % (doc,))
+                last = None
+                for item in doc:
+                    row = history_row(rows, lambda d: _rest_trade(sym, d), item)
+                    tid = row[1] if row is not None else raw_id(item, "id")
+                    if tid is not None and (last is None or tid > last):
+                        last = tid
+                    if row is not None and after[0] < tid < before[0]:
+                        rows.append(row)
+                if len(doc) < limit or last is None or last + 1 >= before[0]:
+                    break
+                if last < from_id:
+                    raise HistoryError("Binance historicalTrades: fromId=%d gave ids up to %d" % (from_id, last))
+                from_id = last + 1
+        except HistoryDeadline as exc:
+            exc.rows, exc.direction = ascending_by_id(rows), "forward"
+            raise
+        return ascending_by_id(rows)
+
+    @classmethod
+    def after_reply(cls, headers):
+        try:
+            used = int(headers.get("X-MBX-USED-WEIGHT-1M"))
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if used < USED_WEIGHT_PAUSE_AT:
+            return None
+        return 60.0 - time.time() % 60.0 + NEXT_MINUTE_MARGIN_SECS
+
+
+def _rest_trade(sym: bytes, d: dict) -> tuple:
+    """One historicalTrades row -> a TRADE_WIRE tuple (Refused / KeyError when unusable)."""
+    tid = trade_id(d["id"])
+    sec, nanos = millis(d["time"])
+    px = price(d["price"])
+    qty = size(d["qty"])
+    maker = d["isBuyerMaker"]
+    if not isinstance(maker, bool):
+        raise Refused("missing_field", "isBuyerMaker=%r" % (maker,))
+    return (sym, tid, sec, nanos, px, qty, rec.SIDE_SELL if maker else rec.SIDE_BUY, ZERO_ID, ZERO_ID)

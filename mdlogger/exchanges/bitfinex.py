@@ -10,7 +10,16 @@ daily (so the MD volume is NaN) and it carries no time; frames may carry
 extra trailing elements (sequence numbers with conf flags), so lengths are
 never hard-coded; info 20051 asks for a reconnect, 20060/20061 bracket a
 maintenance. Pairs: ``tBTCUSD``, or with a colon when a code is longer
-(``tTESTBTC:TESTUSD``); UST means USDT and BCHN means BCH.
+(``tTESTBTC:TESTUSD``); UST means USDT and BCHN means BCH. Trade ids rise
+but skip within a pair and are not known to be unique across pairs, so the
+``te``/``tu`` dedupe is keyed by (symbol, id).
+
+REST trade history (gap backfill): ``GET /v2/trades/{tSYM}/hist?start=&end=&limit=10000&sort=1``,
+rows ``[ID, MTS, AMOUNT, PRICE]`` oldest first, start and end inclusive
+milliseconds. Paged by time: the next start is the last MTS of a full page
+(the pages overlap; rows are deduped by id). The endpoint allows only a few
+requests per minute (sources say 10 to 90; this page 15); over it the reply
+is HTTP 429 or ``["error",11010,"ratelimit: error"]`` and the block lasts 60 s.
 """
 
 from __future__ import annotations
@@ -20,9 +29,15 @@ import collections
 import orjson
 
 from .. import records as rec
+from ..history import HistoryDeadline, HistoryError
 from .base import (
     loads,
     Exchange,
+    HistoryRows,
+    HistorySpec,
+    ascending_by_id,
+    edge_millis,
+    history_row,
     Pause,
     Reconnect,
     Refused,
@@ -38,7 +53,9 @@ from .base import (
 
 ALIASES = {"UST": "USDT", "BCHN": "BCH"}
 MAINTENANCE_SECS = 120.0
-RECENT_IDS = 4096  # te ids remembered per connection, to store each trade once
+RECENT_IDS = 4096  # (symbol, te id) pairs remembered per connection, to store each trade once
+RATE_LIMIT_CODE = 11010
+RATE_LIMIT_PAUSE_SECS = 60.0
 
 
 def split_pair(pair: str) -> tuple[str, str] | None:
@@ -56,7 +73,7 @@ class BitfinexSession(Session):
         super().__init__(adapter, symbols, sink)
         self.channels: dict[int, tuple[str, str]] = {}  # chanId -> (channel, exchange symbol)
         self._recent: collections.deque = collections.deque(maxlen=RECENT_IDS)
-        self._recent_set: set[int] = set()
+        self._recent_set: set[tuple[bytes, int]] = set()
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
         msg = loads(payload)
@@ -93,9 +110,9 @@ class BitfinexSession(Session):
             if len(msg) < 3:
                 raise Refused("missing_field", "trade update without data")
             tid, sec, nanos, px, qty, side = self._trade_fields(msg[2])
-            if tid in self._recent_set:
+            if (sym, tid) in self._recent_set:
                 return  # the tu of a te already stored
-            self._remember(tid)
+            self._remember((sym, tid))
             self.sink.trade(sym, tid, sec, nanos, px, qty, side)
             return
         if not isinstance(msg[1], list):
@@ -103,7 +120,7 @@ class BitfinexSession(Session):
         rows = [self._trade_fields(item) for item in msg[1]]
         rows.sort(key=lambda r: (r[1], r[2], r[0]))  # newest first on the wire: store oldest first
         for tid, sec, nanos, px, qty, side in rows:
-            self._remember(tid)
+            self._remember((sym, tid))
             self.sink.trade(sym, tid, sec, nanos, px, qty, side, snapshot=True)
 
     @staticmethod
@@ -118,11 +135,11 @@ class BitfinexSession(Session):
         qty = size(abs(amount))
         return tid, sec, nanos, price(item[3]), qty, rec.SIDE_BUY if amount > 0 else rec.SIDE_SELL
 
-    def _remember(self, tid: int) -> None:
+    def _remember(self, key: tuple[bytes, int]) -> None:
         if len(self._recent) == self._recent.maxlen:
             self._recent_set.discard(self._recent[0])
-        self._recent.append(tid)
-        self._recent_set.add(tid)
+        self._recent.append(key)
+        self._recent_set.add(key)
 
     # -- events ---------------------------------------------------------------------------
     def _event(self, msg: dict, payload: bytes) -> None:
@@ -195,6 +212,63 @@ class Bitfinex(Exchange):
             raise ValueError("cannot normalize Bitfinex pair %r" % (name,))
         return symbol
 
+    # -- REST trade history ---------------------------------------------------------------------
+    # 10 a minute, burst 3: one request covers a gap of up to 10,000 trades.
+    history = HistorySpec(consecutive_ids=False, has_ids=True, rest_rate=10 / 60.0, rest_burst=3.0,
+                          default_pause=RATE_LIMIT_PAUSE_SECS, page_limit=10000)
+
+    def fetch_history(self, client, info, after, before, deadline):
+        sym = rec.symbol_bytes(info.symbol)
+        url = self.rest_url("/v2/trades/%s/hist" % (info.exchange_name,))
+        limit = self.history.page_limit
+        rows = HistoryRows()
+        start, end = edge_millis(after), edge_millis(before)
+        try:
+            while True:
+                params = {"start": start, "end": end, "limit": limit, "sort": 1}
+                doc, _ = client.get(url, params, cost=self.history_cost, deadline=deadline)
+                if not isinstance(doc, list) or (doc and doc[0] == "error"):
+                    raise HistoryError("Bitfinex trades hist: unexpected reply %.200r" % (doc,))
+                for item in doc:
+                    row = history_row(rows, lambda d: _rest_trade(sym, d), item)
+                    if row is not None and after[0] < row[1] < before[0]:
+                        rows.append(row)
+                if len(doc) < limit:
+                    break
+                try:
+                    last = int(doc[-1][1])
+                except (TypeError, ValueError, IndexError):
+                    raise HistoryError("Bitfinex trades hist: last row %.100r has no MTS" % (doc[-1],)) from None
+                if last <= start:
+                    raise HistoryError("Bitfinex trades hist: %d trades in millisecond %d, cannot page past it"
+                                       % (len(doc), start))
+                start = last
+        except HistoryDeadline as exc:
+            exc.rows, exc.direction = ascending_by_id(rows), "forward"
+            raise
+        return ascending_by_id(rows)
+
+    @classmethod
+    def limited(cls, status, doc, headers):
+        if isinstance(doc, list) and len(doc) >= 2 and doc[0] == "error" and doc[1] == RATE_LIMIT_CODE:
+            return cls.history.default_pause
+        if isinstance(doc, dict) and doc.get("error") == "ERR_RATE_LIMIT":
+            return cls.history.default_pause
+        return None
+
+    @classmethod
+    def fatal(cls, status, doc):
+        # Errors come as ["error", CODE, MSG], an unknown symbol (10020) even with HTTP 500.
+        if isinstance(doc, list) and len(doc) >= 2 and doc[0] == "error" and doc[1] != RATE_LIMIT_CODE:
+            return "Bitfinex error %s: %s" % (doc[1], doc[2] if len(doc) > 2 else "")
+        return None
+
     def subscribe_messages(self, symbols) -> list[str]:
         return [orjson.dumps({"event": "subscribe", "channel": channel, "symbol": s.exchange_name}).decode()
                 for s in symbols for channel in self.channels]
+
+
+def _rest_trade(sym: bytes, item) -> tuple:
+    """``[ID, MTS, AMOUNT, PRICE]`` -> a TRADE_WIRE tuple (the same checks as the WebSocket's)."""
+    tid, sec, nanos, px, qty, side = BitfinexSession._trade_fields(item)
+    return (sym, tid, sec, nanos, px, qty, side, rec.ZERO_ID, rec.ZERO_ID)

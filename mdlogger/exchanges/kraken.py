@@ -10,6 +10,15 @@ trade message of a pair on a connection), stored only when newer than what
 we have (by time); tickers carry no time (the receive time is stored);
 ``{"event":"heartbeat"}`` comes about every second on a quiet connection;
 ``systemStatus`` ``maintenance`` means wait.
+
+REST trade history (gap backfill): ``GET /0/public/Trades?pair=XBTUSD&since=<ns>&count=1000``,
+oldest first; rows ``[price, volume, time, b/s, m/l, misc, trade_id]`` with
+the time a JSON float of seconds; the result is keyed by Kraken's own pair
+name (``XXBTZUSD``) next to ``last``, the ns cursor of the next page. Public
+REST allows about one request per second per IP; over it, ``error`` holds
+``EGeneral:Too many requests`` (with HTTP 200 as far as the docs say). We then
+pause every caller RATE_LIMIT_PAUSE_SECS: Kraken's public counter drains at
+about one a second, so a few seconds bring it back under the limit.
 """
 
 from __future__ import annotations
@@ -17,9 +26,15 @@ from __future__ import annotations
 import orjson
 
 from .. import records as rec
+from ..history import HistoryDeadline, HistoryError
 from .base import (
     loads,
     Exchange,
+    HistoryRows,
+    HistorySpec,
+    edge_nanos,
+    history_row,
+    micro_seconds_float,
     Pause,
     Refused,
     Session,
@@ -37,6 +52,8 @@ SIDES = {"b": rec.SIDE_BUY, "s": rec.SIDE_SELL}
 SUBSCRIBE_CHUNK = 50
 PING_AFTER_SECS = 20.0
 MAINTENANCE_PAUSE_SECS = 60.0
+RATE_LIMIT_PAUSE_SECS = 5.0
+RATE_LIMIT_ERRORS = ("EGeneral:Too many requests", "EAPI:Rate limit exceeded")
 
 
 def normalize_code(code: str) -> str:
@@ -74,11 +91,13 @@ class KrakenSession(Session):
                 px, vol, when, side = item[0], item[1], item[2], item[3]
             except (IndexError, TypeError, KeyError):
                 raise Refused("missing_field", "trade %r" % (item,)) from None
-            if side not in SIDES:
+            if not isinstance(side, str) or side not in SIDES:
                 raise Refused("missing_field", "side %r" % (side,))
             sec, nanos = decimal_seconds(when)
             rows.append((sec, nanos, price(px), size(vol), SIDES[side]))
-        for sec, nanos, px, vol, side in sorted(rows) if snapshot else rows:
+        if snapshot:  # oldest first; trades of one time keep the exchange's order (a stable sort on time)
+            rows.sort(key=_time_of)
+        for sec, nanos, px, vol, side in rows:
             self.sink.trade(sym, 0, sec, nanos, px, vol, side, snapshot=snapshot)
 
     def _ticker(self, pair, t, recv_ns: int) -> None:
@@ -147,6 +166,69 @@ class Kraken(Exchange):
         base, _, quote = name.partition("/")
         return "%s-%s" % (normalize_code(base), normalize_code(quote))
 
+    # -- REST trade history ---------------------------------------------------------------------
+    # WS v1 trades have no id: rows keep id 0 and gaps are found by time only.
+    history = HistorySpec(consecutive_ids=False, has_ids=False, rest_rate=1.0, rest_burst=1.0,
+                          default_pause=RATE_LIMIT_PAUSE_SECS, page_limit=1000)
+
+    def fetch_history(self, client, info, after, before, deadline):
+        sym = rec.symbol_bytes(info.symbol)
+        url = self.rest_url("/0/public/Trades")
+        limit = self.history.page_limit
+        pair = info.exchange_name.replace("/", "")  # the altname: XBT/USD -> XBTUSD
+        lo, hi = edge_nanos(after), edge_nanos(before)
+        rows = HistoryRows()
+        seen: set = set()  # Kraken's own trade ids, where given: pages may overlap at the cursor
+        since = lo - 1
+        try:
+            while True:
+                doc, _ = client.get(url, {"pair": pair, "since": since, "count": limit},
+                                    cost=self.history_cost, deadline=deadline)
+                result = doc.get("result") if isinstance(doc, dict) else None
+                if isinstance(doc, dict) and doc.get("error"):
+                    raise HistoryError("Kraken Trades: %.200s" % ("; ".join(map(str, doc["error"])),))
+                if not isinstance(result, dict):
+                    raise HistoryError("Kraken Trades: unexpected reply %.200r" % (doc,))
+                items = next((v for k, v in result.items() if k != "last" and isinstance(v, list)), [])
+                passed = False
+                for item in items:
+                    row = history_row(rows, lambda d: _rest_trade(sym, d), item)
+                    if row is None:
+                        continue
+                    t = row[2] * 1_000_000_000 + row[3]
+                    if t > hi:
+                        passed = True
+                        continue
+                    kid = item[6] if len(item) > 6 and isinstance(item[6], int) else None
+                    if t >= lo and (kid is None or kid not in seen):
+                        rows.append(row)
+                        if kid is not None:
+                            seen.add(kid)
+                if len(items) < limit or passed:
+                    break
+                try:
+                    last = int(result.get("last"))
+                except (TypeError, ValueError):
+                    raise HistoryError("Kraken Trades: cursor last=%.50r" % (result.get("last"),)) from None
+                # Trades may share a time: a page can end inside such a group, so the next one starts
+                # just before the last time (the trade ids weed out what is fetched twice).
+                if last <= since:
+                    break  # the cursor did not move: nothing newer
+                if last - 1 <= since:
+                    raise HistoryError("Kraken Trades: since=%d gave last=%d: cannot page on" % (since, last))
+                since = last - 1
+        except HistoryDeadline as exc:
+            exc.rows, exc.direction = _by_time(rows), "forward"
+            raise
+        return _by_time(rows)
+
+    @classmethod
+    def limited(cls, status, doc, headers):
+        errors = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(errors, list) and any(isinstance(e, str) and e.startswith(RATE_LIMIT_ERRORS) for e in errors):
+            return cls.history.default_pause
+        return None
+
     def subscribe_messages(self, symbols) -> list[str]:
         pairs = [s.exchange_name for s in symbols]
         out = []
@@ -155,3 +237,25 @@ class Kraken(Exchange):
                 out.append(orjson.dumps({"event": "subscribe", "pair": pairs[i : i + SUBSCRIBE_CHUNK],
                                          "subscription": {"name": channel}}).decode())
         return out
+
+
+def _rest_trade(sym: bytes, item) -> tuple:
+    """``[price, volume, time, b/s, m/l, misc, trade_id]`` -> a TRADE_WIRE tuple with id 0."""
+    if not isinstance(item, list):
+        raise Refused("missing_field", "trade %.100r" % (item,))
+    side = SIDES.get(item[3]) if isinstance(item[3], str) else None
+    if side is None:
+        raise Refused("missing_field", "side %.50r" % (item[3],))
+    sec, nanos = micro_seconds_float(item[2])
+    return (sym, 0, sec, nanos, price(item[0]), size(item[1]), side, rec.ZERO_ID, rec.ZERO_ID)
+
+
+def _by_time(rows: HistoryRows) -> HistoryRows:
+    """Oldest first (stable: trades of one instant keep the exchange's order)."""
+    out = HistoryRows(sorted(rows, key=lambda r: (r[2], r[3])))
+    out.skipped = rows.skipped
+    return out
+
+
+def _time_of(row: tuple) -> tuple:
+    return row[0], row[1]

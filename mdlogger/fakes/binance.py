@@ -1,24 +1,43 @@
-"""A loopback fake of Binance spot: REST exchangeInfo and the combined WebSocket stream.
+"""A loopback fake of Binance spot: REST exchangeInfo and historicalTrades, and the combined WebSocket stream.
 
 Speaks the real protocol (docs/exchange-protocols.md, Binance section):
 
-* REST ``GET /api/v3/exchangeInfo`` in the real shape, built from ``symbols``
-  plus one BREAK and one HALT symbol; errors in Binance's
-  ``{"code":..,"msg":..}`` shape (429 with ``Retry-After`` while
-  ``rest_failures`` lasts, ``rest_status_override``, 404 for unknown paths).
+* REST ``GET /api/v3/exchangeInfo`` (weight 20) in the real shape, built from
+  ``symbols`` plus one BREAK and one HALT symbol.
+* REST ``GET /api/v3/historicalTrades?symbol=BTCUSDT&fromId=&limit=``
+  (weight 25) from the made trade history: ``limit`` default 500, at most
+  1000 (more, or not a number: 400 ``-1100``); oldest first; ``fromId``
+  inclusive, without it the latest ``limit`` trades; rows
+  ``{"id","price","qty","quoteQty","time","isBuyerMaker","isBestMatch"}``
+  (numbers as strings, ``time`` ms); unknown symbol 400 ``-1121``. A
+  ``fromId`` older than the kept history starts at the oldest kept trade.
+* Request weight per fixed window of ``weight_window`` seconds (60), windows
+  starting at wall-clock multiples of it (on the minute, as real) shifted by
+  ``weight_phase`` seconds (tests pin the phase): every reply carries
+  ``X-MBX-USED-WEIGHT-1M``; a request that takes the window past
+  ``weight_limit`` (6000) gets 429 ``-1003`` with ``Retry-After`` = whole
+  seconds to the window's end; ANY request before that moment gets 418 with
+  ``Retry-After`` and starts a ``ban_secs`` ban (every request during it gets
+  418 too); both are recorded in ``violations``. Other errors in Binance's
+  ``{"code":..,"msg":..}`` shape (429 ``Retry-After: 1`` while
+  ``rest_failures`` lasts, outside the weight count; ``rest_status_override``;
+  404 for unknown paths).
 * WebSocket ``/stream`` (and ``/ws``) with ``?streams=a/b`` or live
   ``SUBSCRIBE``/``UNSUBSCRIBE``/``LIST_SUBSCRIPTIONS``; invalid requests get
   ``{"code":2,"msg":"Invalid request: ...","id":N}``; at most 1024 streams.
 * Events wrapped as ``{"stream":..., "data":...}`` in the real ``trade`` and
   ``24hrTicker`` shapes; only ``<sym>@trade`` and ``<sym>@ticker`` are fed,
-  other valid stream names are accepted and stay silent. Trade prices sit on
-  the symbol's tick; tickers carry 24 h figures built from the trades sent.
+  other valid stream names are accepted and stay silent. Trade ids are
+  consecutive per symbol, times in ms; prices sit on the symbol's tick;
+  tickers carry 24 h figures built from the trades made. No snapshot on
+  subscribe (as real).
 * A server ping every ``ping_interval`` whose payload the client must echo
   within ``pong_timeout``; more than ``max_client_msgs_per_sec`` client frames
   (text, ping, pong) within 1 s closes the connection with 1008; both are
   recorded in ``violations``. ``serverShutdown`` and the connection age limit.
 
-Modes, recording and faults (``drop_all``, ``go_silent``) come from
+Modes, the trade history, recording and faults (``drop_all``, ``go_silent``,
+``drop_after``, ``refuse_upgrades``) come from
 :class:`~mdlogger.fakes.base.FakeExchange`.
 """
 
@@ -30,7 +49,7 @@ import re
 import time
 from typing import Callable
 
-from .base import FakeExchange, SymbolState, now_ms
+from .base import HISTORY_SIZE, JSON, FakeExchange, SymbolState, now_ms
 from .wsserver import OP_PONG, OP_TEXT, WsConn, frame_header
 
 MAX_STREAMS = 1024
@@ -45,6 +64,8 @@ INACTIVE_SYMBOLS = (("OLD-BTC", "BREAK"), ("HALTED-USDT", "HALT"))
 DAY_MS = 86_400_000
 FIREHOSE_ROUND = 4000  # trade frames per sendall in firehose mode (fresh ids and times each time)
 FIREHOSE_PATH_SECS = 1.0  # how long one pre-built price path is reused before a new one
+WEIGHTS = {"/api/v3/exchangeInfo": 20, "/api/v3/historicalTrades": 25}  # request weight; 1 for any other path
+HIST_LIMIT_DEFAULT, HIST_LIMIT_MAX = 500, 1000
 
 
 def tick_size(price: float) -> float:
@@ -80,8 +101,21 @@ class FakeBinance(FakeExchange):
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, ping_interval: float = 20.0,
                  pong_timeout: float = 60.0, max_client_msgs_per_sec: int = 5, max_connection_age: float = 86400.0,
                  seed: int = 1, port: int = 0, record: bool | None = None,
-                 extra_exchange_info: Callable[[dict], None] | None = None):
-        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
+                 extra_exchange_info: Callable[[dict], None] | None = None, weight_limit: int = 6000,
+                 weight_window: float = 60.0, weight_phase: float = 0.0, ban_secs: float = 120.0,
+                 trade_when_unsubscribed: bool = True,
+                 history_size: int = HISTORY_SIZE):
+        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec,
+                         trade_when_unsubscribed=trade_when_unsubscribed, history_size=history_size)
+        self.weight_limit = weight_limit
+        self.weight_window = weight_window
+        self.ban_secs = ban_secs
+        self.weight_phase = weight_phase  # windows start at wall-clock multiples of weight_window plus this
+        self.weight_window_no = None
+        self.weight_used = 0
+        self.limited_until = 0.0  # end of the window in which a 429 was answered
+        self.banned_until = 0.0
+        self.by_rest = {st.base + st.quote: st for st in self.symbols.values()}
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
         self.max_connection_age = max_connection_age
@@ -92,18 +126,78 @@ class FakeBinance(FakeExchange):
 
     # -- REST --------------------------------------------------------------------------
     def rest_routes(self) -> dict:
-        return {"/api/v3/exchangeInfo": lambda query: (200, self.exchange_info())}
+        return {"/api/v3/exchangeInfo": lambda query: (200, self.exchange_info()),
+                "/api/v3/historicalTrades": self.historical_trades}
 
-    def on_http(self, method, path, query, headers):
-        """The base routing and fault injection, with error bodies in Binance's shape."""
-        status, extra, body = super().on_http(method, path, query, headers)
+    def _roll(self) -> float:
+        """Start a new weight window if the wall clock entered one; the seconds left in the current one."""
+        t = time.time() - self.weight_phase
+        window = math.floor(t / self.weight_window)
+        if window != self.weight_window_no:
+            self.weight_window_no = window
+            self.weight_used = 0
+        return (window + 1) * self.weight_window - t
+
+    def rest_limit(self, path: str, now: float):
+        """Request weight per window; 429 past the limit, 418 (and a ban) for asking again too soon."""
+        left = self._roll()
+        if now < self.banned_until:
+            self.violations.append("request during a 418 ban")
+            return self._answer(418, self.banned_until - now, -1003, "Way too many requests; IP banned.")
+        if now < self.limited_until:
+            self.violations.append("request after 429")
+            self.banned_until = now + self.ban_secs
+            return self._answer(418, self.ban_secs, -1003, "Way too many requests; IP banned.")
+        self.weight_used += WEIGHTS.get(path, 1)
+        if self.weight_used > self.weight_limit:
+            self.limited_until = now + left
+            return self._answer(429, left, -1003, self._too_many())
+        return None
+
+    def rest_headers(self, now: float) -> dict:
+        self._roll()
+        return {"X-MBX-USED-WEIGHT-1M": str(self.weight_used)}
+
+    def _too_many(self) -> str:
+        return ("Too many requests; current limit of IP is %d requests per minute. Please use the websocket "
+                "for live updates to avoid polling the API." % self.weight_limit)
+
+    @staticmethod
+    def _answer(status: int, retry_after: float, code: int, msg: str) -> tuple[int, dict, bytes]:
+        return status, dict(JSON, **{"Retry-After": str(max(1, math.ceil(retry_after)))}), _error_body(code, msg)
+
+    def rate_limited_answer(self, retry_after: int):
+        return self._answer(429, retry_after, -1003, self._too_many())
+
+    def error_answer(self, status: int, path: str):
         if status == 429:
-            body = _error_body(-1003, "Too many requests; current limit is 6000 request weight per 1 MINUTE.")
-        elif status == 404:
-            body = _error_body(-1, "Unknown path %s" % path)
-        elif status >= 400:
-            body = _error_body(-1000, "An unknown error occurred while processing the request.")
-        return status, extra, body
+            return self.rate_limited_answer(1)
+        if status == 404:
+            return 404, dict(JSON), _error_body(-1, "Unknown path %s" % path)
+        return status, dict(JSON), _error_body(-1000, "An unknown error occurred while processing the request.")
+
+    def historical_trades(self, query: dict):
+        """``/api/v3/historicalTrades``: oldest first, ``fromId`` inclusive, else the latest ``limit``."""
+        symbol = query.get("symbol")
+        if not symbol:
+            return 400, {"code": -1102,
+                         "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."}
+        st = self.by_rest.get(symbol)
+        if st is None:
+            return 400, {"code": -1121, "msg": "Invalid symbol."}
+        limit = _int(query.get("limit", HIST_LIMIT_DEFAULT))
+        if limit is None or not 1 <= limit <= HIST_LIMIT_MAX:
+            return 400, {"code": -1100, "msg": "Illegal characters found in parameter 'limit'; legal range is "
+                                               "'1 to %d'." % HIST_LIMIT_MAX}
+        if "fromId" in query:
+            from_id = _int(query["fromId"])
+            if from_id is None or from_id < 0:
+                return 400, {"code": -1100, "msg": "Illegal characters found in parameter 'fromId'; legal range "
+                                                   "is '^([0-9]{1,20})$'."}
+            events = self._history_slice(st, lo=from_id)[:limit]
+        else:
+            events = self._history_slice(st)[-limit:]
+        return 200, [_history_row(e) for e in events]
 
     def exchange_info(self) -> dict:
         """The exchangeInfo document: every fake symbol TRADING, plus a BREAK and a HALT one."""
@@ -113,7 +207,7 @@ class FakeBinance(FakeExchange):
             "timezone": "UTC",
             "serverTime": now_ms(),
             "rateLimits": [
-                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
                 {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
                 {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
             ],
@@ -242,11 +336,14 @@ class FakeBinance(FakeExchange):
         tick = self.ticks[st.symbol]
         px = max(tick, round(px / tick) * tick)
         self.day[st.symbol].add(px, qty)
-        ms = now_ms()
+        ms = self.clock_ns() // 1_000_000
         data = {"e": "trade", "E": ms, "s": st.base + st.quote, "t": tid, "p": "%.8f" % px, "q": "%.8f" % qty,
                 "T": ms, "m": not bought, "M": True}
         data.update(fields)
         return data
+
+    def trade_key(self, event) -> int:
+        return event["t"]
 
     def make_ticker(self, st: SymbolState, **fields) -> dict:
         """A 24hrTicker consistent with the last trade made; ``fields`` override."""
@@ -324,6 +421,23 @@ def _error_body(code: int, msg: str) -> bytes:
     return json.dumps({"code": code, "msg": msg}).encode()
 
 
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _history_row(e: dict) -> dict:
+    """A made trade as historicalTrades lists it."""
+    try:
+        quote = "%.8f" % (float(e["p"]) * float(e["q"]))
+    except (TypeError, ValueError):
+        quote = "0.00000000"
+    return {"id": e["t"], "price": e["p"], "qty": e["q"], "quoteQty": quote, "time": e["T"],
+            "isBuyerMaker": e["m"], "isBestMatch": e["M"]}
+
+
 class FirehosePath:
     """Pre-encoded firehose frames for one connection's symbols, ids and times patched in per round.
 
@@ -339,7 +453,7 @@ class FirehosePath:
         self.states = states
         self.made = time.monotonic()
         self.per = max(1, FIREHOSE_ROUND // len(states))
-        self.n = self.per * len(states)
+        self.n = self.frames = self.per * len(states)
         self.pieces: list = [b""] * (self.n * self.K)
         self.static_len: list[int] = []
         self.static: list[tuple[str, str, bool]] = []  # (price, qty, bought) per frame, for recording

@@ -1,20 +1,36 @@
-"""A loopback fake of Bitfinex WebSocket v2 (public) and its pair listing.
+"""A loopback fake of Bitfinex WebSocket v2 (public), its pair listing and its trade history.
 
 Real behaviour: an ``info`` greeting; one ``subscribed`` ack per channel per
 symbol with a fresh ``chanId``; error 10001 for unknown pairs and 10305 past
-25 open channels; a trades snapshot (newest first) after the trades ack;
+25 open channels; a trades snapshot of the last 30 trades made (newest
+first, including trades made while nobody listened) after the trades ack;
 every live trade as ``te`` followed shortly by ``tu``; tickers every second;
-``[chanId,"hb"]`` on a channel quiet for ``hb_interval``. Symbols map to
-pairs as the exchange spells them (``BTC-USDT`` -> ``BTCUST``, long codes
-with a colon).
+``[chanId,"hb"]`` on a channel quiet for ``hb_interval``. Trade ids rise but
+are not consecutive (0-3 ids skipped at random between a pair's trades);
+times in ms; in steady mode a trade is now and then a sweep of 2-3 trades
+with the same MTS (``sweep_prob``). Symbols map to pairs as the exchange
+spells them (``BTC-USDT`` -> ``BTCUST``, long codes with a colon).
+
+REST ``GET /v2/trades/{tBTCUSD}/hist?start=&end=&limit=&sort=`` from the
+made trade history: rows ``[ID, MTS, AMOUNT, PRICE]``; ``start``/``end``
+inclusive ms bounds on MTS; ``sort=-1`` (default) the newest ``limit`` trades
+of that span, newest first, ``sort=1`` the oldest ones, oldest first;
+``limit`` default 125, at most 10000 (larger values are cut). Unknown
+symbol: HTTP 500 ``["error",10020,"symbol: invalid"]``. At most
+``hist_limit`` requests (15) to it in any ``hist_window`` seconds (60): the
+next one gets HTTP 429 ``["error",11010,"ratelimit: error"]`` and blocks the
+client for ``block_secs`` (60): every REST request during the block gets the
+same 429 and is recorded in ``violations``. ``rest_failures`` answers the same
+429 (without a block).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 
-from .base import FakeExchange, SymbolState, now_ms
+from .base import HISTORY_SIZE, JSON, FakeExchange, SlidingWindow, SymbolState, now_ms
 from .wsserver import WsConn
 
 CHANNELS = {"trades": "trades", "ticker": "ticker"}
@@ -22,6 +38,9 @@ MAX_CHANNELS = 25
 SNAPSHOT = 30
 TU_DELAY = 0.02
 FROM_NORMAL = {"USDT": "UST", "BCH": "BCHN"}
+HIST_PATH = re.compile(r"/v2/trades/([^/]+)/hist")
+HIST_LIMIT_DEFAULT, HIST_LIMIT_MAX = 125, 10000
+RATE_LIMITED = b'["error",11010,"ratelimit: error"]'
 
 
 def pair_of(symbol: str) -> str:
@@ -35,8 +54,15 @@ class FakeBitfinex(FakeExchange):
     default_symbols = ("BTC-USD", "ETH-USD", "BTC-USDT", "TESTBTC-TESTUSD")
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
-                 record: bool | None = None, hb_interval: float = 15.0):
-        super().__init__(symbols, mode, rate, seed, port, record)
+                 record: bool | None = None, hb_interval: float = 15.0, hist_limit: int = 15,
+                 hist_window: float = 60.0, block_secs: float = 60.0, sweep_prob: float = 0.1,
+                 trade_when_unsubscribed: bool = True, history_size: int = HISTORY_SIZE):
+        super().__init__(symbols, mode, rate, seed, port, record,
+                         trade_when_unsubscribed=trade_when_unsubscribed, history_size=history_size)
+        self.hist_limiter = SlidingWindow(hist_limit, hist_window)
+        self.block_secs = block_secs
+        self.blocked_until = 0.0
+        self.sweep_prob = sweep_prob
         self.hb_interval = hb_interval
         self.by_pair = {pair_of(s): st for s, st in self.symbols.items()}
         self.next_chan = 200000
@@ -44,6 +70,45 @@ class FakeBitfinex(FakeExchange):
     # -- REST --------------------------------------------------------------------------
     def rest_routes(self) -> dict:
         return {"/v2/conf/pub:list:pair:exchange": lambda query: (200, [sorted(self.by_pair)])}
+
+    def rest_patterns(self) -> list:
+        return [(HIST_PATH, self.trades_hist)]
+
+    def rest_limit(self, path: str, now: float):
+        if now < self.blocked_until:
+            self.violations.append("request during the rate-limit block")
+            return self.rate_limited_answer(1)
+        if HIST_PATH.fullmatch(path) and not self.hist_limiter.take(now):
+            self.blocked_until = now + self.block_secs
+            return self.rate_limited_answer(1)
+        return None
+
+    def rate_limited_answer(self, retry_after: int):
+        return 429, dict(JSON), RATE_LIMITED
+
+    def error_answer(self, status: int, path: str):
+        if status == 429:
+            return self.rate_limited_answer(1)
+        if status == 404:
+            return 404, dict(JSON), b'["error",10020,"path: invalid"]'
+        return status, dict(JSON), b'["error",10000,"unknown error"]'
+
+    def trades_hist(self, query: dict, symbol: str):
+        """``/v2/trades/{symbol}/hist``: inclusive ``start``/``end`` on MTS, ``sort`` 1 or -1."""
+        st = self.by_pair.get(symbol[1:]) if symbol.startswith("t") else None
+        if st is None:
+            return 500, ["error", 10020, "symbol: invalid"]
+        args = {}
+        for name, default in (("limit", HIST_LIMIT_DEFAULT), ("sort", -1), ("start", None), ("end", None)):
+            raw = query.get(name, "")
+            try:
+                args[name] = int(raw) if raw != "" else default
+            except ValueError:
+                return 500, ["error", 10020, "%s: invalid" % name]
+        limit = min(max(args["limit"], 1), HIST_LIMIT_MAX)
+        events = self._history_slice(st, args["start"], args["end"], key=lambda e: e["trade"][1])
+        rows = events[:limit] if args["sort"] == 1 else events[-limit:][::-1]
+        return 200, [e["trade"] for e in rows]
 
     # -- WebSocket ----------------------------------------------------------------------
     def on_open(self, conn: WsConn) -> bool:
@@ -91,8 +156,9 @@ class FakeBitfinex(FakeExchange):
                          "pair": symbol[1:]})
         conn.state["last"][chan] = time.monotonic()
         if channel == "trades":
-            past = [e["trade"] for e in reversed(list(st.history)[-SNAPSHOT:])]  # newest first
-            self.send(conn, [chan, past])
+            made = list(st.history)[-SNAPSHOT:]
+            if self.send(conn, [chan, [e["trade"] for e in reversed(made)]]):  # newest first
+                self.snapshot_sent(st, made)
 
     def send_error(self, conn: WsConn, code: int, msg: str, symbol) -> None:
         doc = {"event": "error", "msg": msg, "code": code}
@@ -118,9 +184,21 @@ class FakeBitfinex(FakeExchange):
     # -- events ---------------------------------------------------------------------------
     def make_trade(self, st: SymbolState, **fields) -> dict:
         tid, px, qty, bought = st.step()
-        event = {"pair": pair_of(st.symbol), "trade": [tid, now_ms(), qty if bought else -qty, round(px, 8)]}
+        st.next_id += self.rng.randint(0, 3)  # ids rise, with gaps: other books' trades share the counter
+        event = {"pair": pair_of(st.symbol),
+                 "trade": [tid, self.clock_ns() // 1_000_000, qty if bought else -qty, round(px, 8)]}
         event.update(fields)
         return event
+
+    def trade_key(self, event) -> int:
+        return event["trade"][0]
+
+    def clock_trade(self, symbol: str) -> None:
+        """A steady-mode trade: now and then a sweep of 2-3 trades sharing one MTS."""
+        if self.rng.random() < self.sweep_prob:
+            self.sweep(symbol, self.rng.choice((2, 3)))
+        else:
+            self.push_trade(symbol)
 
     def make_ticker(self, st: SymbolState, **fields) -> dict:
         px = round(st.price, 8)

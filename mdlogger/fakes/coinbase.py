@@ -1,28 +1,54 @@
-"""A loopback fake of Coinbase Exchange: REST ``/products`` and the WebSocket feed.
+"""A loopback fake of Coinbase Exchange: REST ``/products``, REST trade history and the WebSocket feed.
 
 Real behaviour: a client that sends no ``subscribe`` within ``subscribe_timeout``
 is disconnected; a subscribe is acked with ``subscriptions``; right after it
-the server sends one ``ticker`` and one ``last_match`` per product; ``match``
-messages carry consecutive ``trade_id`` per product, the MAKER's ``side`` and
-real UUID order ids; each ``ticker`` follows its match (same ``trade_id`` and
-``sequence``, ``side`` the taker's); ``heartbeat`` per product per
-``heartbeat_interval`` when subscribed; unknown products get the real error.
+the server sends one ``ticker`` and one ``last_match`` per product (the
+latest trade made, even while nobody listened); ``match`` messages carry
+consecutive ``trade_id`` per product, the MAKER's ``side``, real UUID order
+ids and microsecond times; each ``ticker`` follows its match (same
+``trade_id`` and ``sequence``, ``side`` the taker's); ``heartbeat`` per
+product per ``heartbeat_interval`` when subscribed; unknown products get the
+real error.
+
+REST ``GET /products/{product_id}/trades?limit=&after=&before=`` from the made
+trade history: newest first; ``limit`` default and maximum 1000 (outside
+1..1000: 400); ``after=X`` gives the newest ``limit`` trades with id < X (the
+next older page), ``before=X`` the NEWEST ``limit`` trades with id > X (not
+the page right after X); both together: ids strictly between, newest first.
+Headers ``CB-BEFORE`` (newest id of the page) and ``CB-AFTER`` (oldest id),
+absent on an empty page. Rows ``{"time","trade_id","price","size","side"}``,
+``side`` the maker's as in ``match``. Unknown product: 404
+``{"message":"NotFound"}``. Every REST request takes a token from a bucket of
+``rest_rate`` per second, burst ``rest_burst`` (10/s, 15); without one: 429
+``{"message":"Public rate limit exceeded"}`` (no Retry-After), also the answer
+while ``rest_failures`` lasts.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
+import time
 import uuid
 
-from .base import FakeExchange, SymbolState
+from .base import HISTORY_SIZE, JSON, FakeExchange, SymbolState, TokenBucket
 from .wsserver import WsConn
 
 CHANNELS = {"matches": "trades", "ticker": "ticker", "heartbeat": "heartbeat"}
+TRADES_PATH = re.compile(r"/products/([^/]+)/trades")
+TRADES_LIMIT = 1000
+RATE_LIMITED = b'{"message":"Public rate limit exceeded"}'
 
 
 def iso_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def iso_from_ns(ns: int) -> str:
+    """ISO-8601 UTC with microseconds, as Coinbase writes times."""
+    sec, us = divmod(ns // 1000, 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + ".%06dZ" % us
 
 
 class FakeCoinbase(FakeExchange):
@@ -31,8 +57,11 @@ class FakeCoinbase(FakeExchange):
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
                  record: bool | None = None, heartbeat_interval: float = 1.0, subscribe_timeout: float = 5.0,
-                 max_client_msgs_per_sec: float | None = 100, refuse=()):
-        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
+                 max_client_msgs_per_sec: float | None = 100, refuse=(), rest_rate: float = 10.0,
+                 rest_burst: float = 15, trade_when_unsubscribed: bool = True, history_size: int = HISTORY_SIZE):
+        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec,
+                         trade_when_unsubscribed=trade_when_unsubscribed, history_size=history_size)
+        self.bucket = TokenBucket(rest_rate, rest_burst)
         self.refuse = set(refuse)  # listed over REST but refused on subscribe (a delisting in progress)
         self.heartbeat_interval = heartbeat_interval
         self.subscribe_timeout = subscribe_timeout
@@ -41,6 +70,43 @@ class FakeCoinbase(FakeExchange):
     # -- REST --------------------------------------------------------------------------
     def rest_routes(self) -> dict:
         return {"/products": lambda query: (200, self.products())}
+
+    def rest_patterns(self) -> list:
+        return [(TRADES_PATH, self.product_trades)]
+
+    def rest_limit(self, path: str, now: float):
+        return None if self.bucket.take(now) else self.rate_limited_answer(1)
+
+    def rate_limited_answer(self, retry_after: int):
+        return 429, dict(JSON), RATE_LIMITED
+
+    def error_answer(self, status: int, path: str):
+        if status == 429:
+            return self.rate_limited_answer(1)
+        if status == 404:
+            return 404, dict(JSON), b'{"message":"NotFound"}'
+        return status, dict(JSON), b'{"message":"Internal server error"}'
+
+    def product_trades(self, query: dict, product: str):
+        """``/products/{id}/trades``: newest first; ``after``/``before`` are trade_id cursors (exclusive)."""
+        st = self.symbols.get(product)
+        if st is None:
+            return 404, {"message": "NotFound"}
+        args = {}
+        for name, default in (("limit", TRADES_LIMIT), ("after", None), ("before", None)):
+            try:
+                args[name] = int(query[name]) if name in query else default
+            except ValueError:
+                return 400, {"message": "Invalid %s" % name}
+        if not 1 <= args["limit"] <= TRADES_LIMIT:
+            return 400, {"message": "Invalid limit"}
+        hi = None if args["after"] is None else args["after"] - 1
+        lo = None if args["before"] is None else args["before"] + 1
+        page = self._history_slice(st, lo, hi)[-args["limit"]:][::-1]
+        headers = {"CB-BEFORE": str(page[0]["trade_id"]), "CB-AFTER": str(page[-1]["trade_id"])} if page else {}
+        rows = [{"time": e["time"], "trade_id": e["trade_id"], "price": e["price"], "size": e["size"],
+                 "side": e["side"]} for e in page]
+        return 200, rows, headers
 
     def products(self) -> list:
         out = [self._product(s) for s in self.symbols]
@@ -100,7 +166,8 @@ class FakeCoinbase(FakeExchange):
                 if "ticker" in channels and st.history:
                     self.send(conn, self._ticker_from(st, st.history[-1], time=st.history[-1]["time"]))
                 if "matches" in channels and st.history:
-                    self.send(conn, dict(st.history[-1], type="last_match"))
+                    if self.send(conn, dict(st.history[-1], type="last_match")):
+                        self.snapshot_sent(st, [st.history[-1]])
 
     def send_error(self, conn: WsConn, message: str, reason: str) -> None:
         doc = {"type": "error", "message": message, "reason": reason}
@@ -128,9 +195,12 @@ class FakeCoinbase(FakeExchange):
                  "taker_order_id": str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
                  "side": "sell" if bought else "buy",  # the maker's side
                  "size": "%.8f" % qty, "price": "%.2f" % px if px > 1 else "%.8f" % px,
-                 "product_id": st.symbol, "sequence": self.sequence, "time": iso_now()}
+                 "product_id": st.symbol, "sequence": self.sequence, "time": iso_from_ns(self.clock_ns())}
         event.update(fields)
         return event
+
+    def trade_key(self, event) -> int:
+        return event["trade_id"]
 
     def _ticker_from(self, st: SymbolState, match: dict, **fields) -> dict:
         px = float(match["price"])

@@ -1,30 +1,54 @@
-"""A loopback fake of OKX v5 public: REST instruments and the ``/ws/v5/public`` WebSocket.
+"""A loopback fake of OKX v5 public: REST instruments and trade history, and the ``/ws/v5/public`` WebSocket.
 
 Speaks the real protocol (docs/exchange-protocols.md, OKX section):
 ``{"op":"subscribe","args":[..]}`` acked per arg with ``{"event":"subscribe",..}``,
 error 60018 for an unknown channel or instId and 60012 for a request it cannot
 read; ``tickers`` every second and ``trades`` frames that sometimes carry 2-3
-trades at once (consecutive ``tradeId`` per instrument); the latest trade is
-pushed right after a ``trades`` subscribe; the TEXT ``ping`` is answered with
-the TEXT ``pong``; a connection that was sent nothing for ``idle_close_secs``
-and did not ping is closed with code 4004. Faults: :meth:`send_notice_64008`
-(service upgrade notice) and :meth:`send_error`.
+trades at once (consecutive ``tradeId`` per instrument, ms times); the latest
+trade made (even while nobody listened) is pushed right after a ``trades``
+subscribe; the TEXT ``ping`` is answered with the TEXT ``pong``; a
+connection that was sent nothing for ``idle_close_secs`` and did not ping is
+closed with code 4004. Faults: :meth:`send_notice_64008` (service upgrade
+notice) and :meth:`send_error`.
+
+REST ``GET /api/v5/market/history-trades?instId=&type=&after=&before=&limit=``
+from the made trade history, wrapped ``{"code":"0","msg":"","data":[...]}``:
+newest first; ``limit`` default and maximum 100 (larger values are cut to
+100); ``type=1`` (default): ``after=X`` gives the newest trades with tradeId
+< X, ``before=X`` the NEWEST trades with tradeId > X (not the page next to
+X), both: ids strictly between; ``type=2``: ``after`` is a ms time (trades
+with ts < after), ``before`` still a tradeId. Rows
+``{"instId","tradeId","px","sz","side","source":"0","ts"}`` (strings, side
+the taker's). Errors come with ``code`` != "0": unknown instId ``51001``
+(HTTP 200), bad parameters ``51000`` (HTTP 200), missing instId ``50014``
+(HTTP 400). At most ``history_limit`` requests (20) to this endpoint in any
+``history_window`` seconds (2); over: HTTP 429
+``{"code":"50011","msg":"Too Many Requests","data":[]}`` (also the answer while
+``rest_failures`` lasts).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 
-from .base import FakeExchange, SymbolState, now_ms
+from .base import HISTORY_SIZE, JSON, FakeExchange, SlidingWindow, SymbolState, now_ms
 from .wsserver import WsConn
 
 PATH = "/ws/v5/public"
 INSTRUMENTS = "/api/v5/public/instruments"
+HISTORY_TRADES = "/api/v5/market/history-trades"
+HISTORY_LIMIT = 100
+RATE_LIMITED = b'{"code":"50011","msg":"Too Many Requests","data":[]}'
 CHANNELS = {"trades": "trades", "tickers": "ticker"}
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_SUBSCRIBES_PER_HOUR = 480
 IDLE_REASON = "No data received in 30s."
+
+
+def _param_error(name: str) -> dict:
+    return {"code": "51000", "msg": "Parameter %s error" % name, "data": []}
 
 
 def fmt(x: float) -> str:
@@ -36,20 +60,81 @@ def fmt(x: float) -> str:
 class FakeOkx(FakeExchange):
     ws_path = PATH
     name = "okx"
+    batch_trades = True  # push_trades(symbol, n) sends the n trades in one frame
     default_symbols = ("BTC-USDT", "ETH-USDT", "SOL-USDT", "ETH-BTC", "DOGE-USDT")
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, idle_close_secs: float = 30.0,
                  multi_trade_prob: float = 0.3, seed: int = 1, port: int = 0, record: bool | None = None,
-                 max_client_msgs_per_sec: float | None = None, ping_interval: float | None = None):
+                 max_client_msgs_per_sec: float | None = None, ping_interval: float | None = None,
+                 history_limit: int = 20, history_window: float = 2.0, trade_when_unsubscribed: bool = True,
+                 history_size: int = HISTORY_SIZE):
         # ping_interval: accepted for the common command line; OKX never pings (the client does)
-        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec)
+        super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec,
+                         trade_when_unsubscribed=trade_when_unsubscribed, history_size=history_size)
+        self.history_limiter = SlidingWindow(history_limit, history_window)
         self.idle_close_secs = idle_close_secs
         self.multi_trade_prob = multi_trade_prob
         self.next_conn_id = 0xA4D3AE55
 
     # -- REST ----------------------------------------------------------------------------
     def rest_routes(self) -> dict:
-        return {INSTRUMENTS: self.instruments}
+        return {INSTRUMENTS: self.instruments, HISTORY_TRADES: self.history_trades}
+
+    def rest_limit(self, path: str, now: float):
+        if path == HISTORY_TRADES and not self.history_limiter.take(now):
+            return self.rate_limited_answer(1)
+        return None
+
+    def rate_limited_answer(self, retry_after: int):
+        return 429, dict(JSON), RATE_LIMITED
+
+    def error_answer(self, status: int, path: str):
+        if status == 429:
+            return self.rate_limited_answer(1)
+        if status == 404:
+            return 404, dict(JSON), b'{"code":"50030","msg":"Illegal request","data":[]}'
+        return status, dict(JSON), (b'{"code":"50001","msg":"Service temporarily unavailable. Please try again later.",'
+                                    b'"data":[]}')
+
+    def history_trades(self, query: dict):
+        """``/api/v5/market/history-trades``: newest first, ``after``/``before`` cursors (exclusive)."""
+        inst = query.get("instId")
+        if not inst:
+            return 400, {"code": "50014", "msg": "Parameter instId can not be empty.", "data": []}
+        st = self.symbols.get(inst)
+        if st is None:
+            return 200, {"code": "51001", "msg": "Instrument ID does not exist.", "data": []}
+        args = {}
+        for name in ("type", "limit", "after", "before"):
+            raw = query.get(name, "")
+            try:
+                args[name] = int(raw) if raw != "" else None
+            except ValueError:
+                return 200, _param_error(name)
+        if args["type"] not in (None, 1, 2):
+            return 200, _param_error("type")
+        if args["limit"] is not None and args["limit"] < 1:
+            return 200, _param_error("limit")
+        args["type"] = args["type"] or 1
+        args["limit"] = args["limit"] or HISTORY_LIMIT
+        limit = min(args["limit"], HISTORY_LIMIT)
+        lo = None if args["before"] is None else args["before"] + 1
+        if args["type"] == 2:
+            events = self._history_slice(st, lo=lo)
+            if args["after"] is not None:
+                events = self._slice_by_time(events, args["after"])
+        else:
+            hi = None if args["after"] is None else args["after"] - 1
+            events = self._history_slice(st, lo, hi)
+        page = events[-limit:][::-1]
+        data = [{"instId": e["instId"], "tradeId": e["tradeId"], "px": e["px"], "sz": e["sz"], "side": e["side"],
+                 "source": "0", "ts": e["ts"]} for e in page]
+        return 200, {"code": "0", "msg": "", "data": data}
+
+    @staticmethod
+    def _slice_by_time(events: list, after_ms: int) -> list:
+        """The events with ts < after_ms (times do not decrease along the history)."""
+        return events[:bisect.bisect_left(events, after_ms, key=lambda e: int(e["ts"]))]
 
     def instruments(self, query: dict):
         if query.get("instType") != "SPOT":
@@ -132,8 +217,8 @@ class FakeOkx(FakeExchange):
 
     def on_subscribed(self, conn: WsConn, st: SymbolState, channel: str) -> None:
         """OKX pushes the latest trade of an instrument right after a trades subscribe."""
-        if st.history:
-            self.send(conn, self._trades_frame(st, [st.history[-1]]))
+        if st.history and self.send(conn, self._trades_frame(st, [st.history[-1]])):
+            self.snapshot_sent(st, [st.history[-1]])
 
     def _error(self, conn: WsConn, code: str, msg: str) -> None:
         doc = {"event": "error", "code": code, "msg": msg, "connId": conn.state.get("conn_id", "")}
@@ -144,9 +229,12 @@ class FakeOkx(FakeExchange):
     def make_trade(self, st: SymbolState, **fields) -> dict:
         tid, px, qty, bought = st.step()
         data = {"instId": st.symbol, "tradeId": str(tid), "px": fmt(px), "sz": fmt(qty),
-                "side": "buy" if bought else "sell", "ts": str(now_ms())}
+                "side": "buy" if bought else "sell", "ts": str(self.clock_ns() // 1_000_000)}
         data.update(fields)
         return data
+
+    def trade_key(self, event) -> int:
+        return int(event["tradeId"])
 
     def make_ticker(self, st: SymbolState, **fields) -> dict:
         px = st.price
@@ -176,23 +264,11 @@ class FakeOkx(FakeExchange):
         return json.dumps(doc, separators=(",", ":"))
 
     def push_trade(self, symbol: str, **fields):
-        """One trade, or in steady mode sometimes 2-3 in one frame; returns the last one sent."""
+        """One trade, or in steady mode sometimes 2-3 in one frame; returns the last one made."""
         n = 1
         if self.mode == "steady" and self.rng.random() < self.multi_trade_prob:
             n = self.rng.choice((2, 3))
         return self.push_trades(symbol, n, **fields)[-1]
-
-    def push_trades(self, symbol: str, n: int, **fields) -> list:
-        """``n`` consecutive trades of one instrument in a single frame."""
-        st = self.symbols[symbol]
-        with self.lock:
-            events = [self.make_trade(st, **fields) for _ in range(n)]
-            st.history.extend(events)
-            if self._deliver(st, events, self.frame_trade):
-                self.sent_counts[symbol] += n
-                if self.record:
-                    self.sent_trades.extend(events)
-        return events
 
     def _firehose_blob(self, conn: WsConn, states, per: int) -> bytes:
         conn.state["last_sent"] = time.monotonic() + 2.0  # the blob is resent for a while

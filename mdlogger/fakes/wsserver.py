@@ -8,7 +8,9 @@ Standard library only, nothing exchange-specific. Design:
   :class:`WsConn` handed to the ``on_ws(conn)`` hook (the request path and
   query are ``conn.path`` / ``conn.query``), anything else goes to
   ``on_http(method, path, query, headers) -> (status, headers, body)`` and is
-  answered with a ``Connection: close`` HTTP/1.1 response.
+  answered with a ``Connection: close`` HTTP/1.1 response. Before a
+  WebSocket upgrade is accepted, ``upgrade_answer(path, query, headers)`` may
+  return an HTTP answer instead (a refused upgrade, e.g. 503).
 * :class:`WsConn` is the server side of one WebSocket. Sends from any thread
   are serialized by a per-connection lock and written with one ``sendall``;
   :func:`encode_frame` lets a fake pre-encode thousands of frames into one
@@ -143,6 +145,17 @@ class WsConn:
         except ConnectionClosed:
             pass
         self.abort()
+
+    def half_close(self) -> None:
+        """End the connection without a close frame: no more sends; everything already
+        sent reaches the client, then EOF (TCP FIN). The reader thread ends when the
+        client closes its side."""
+        with self.lock:
+            self.closed = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
     def abort(self) -> None:
         """Drop the TCP connection without a close frame."""
@@ -296,7 +309,9 @@ class FakeServer:
             self._listener.close()
         except OSError:
             pass
-        for conn in self.open_connections():
+        with self.conns_lock:
+            conns = list(self.conns)
+        for conn in conns:  # half-closed ones too: their reader threads must end
             conn.abort()
         with self._threads_lock:
             threads = list(self._threads)
@@ -342,6 +357,10 @@ class FakeServer:
         parts = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         if headers.get("upgrade", "").lower() == "websocket" and "sec-websocket-key" in headers:
+            refusal = self.upgrade_answer(parts.path, query, headers)
+            if refusal is not None:
+                self._send_http(sock, method, *refusal)
+                return
             self._serve_ws(sock, parts.path, query, headers["sec-websocket-key"])
         else:
             self._serve_http(sock, method, parts.path, query, headers)
@@ -366,7 +385,10 @@ class FakeServer:
             conn.abort()
 
     def _serve_http(self, sock: socket.socket, method: str, path: str, query: dict, headers: dict) -> None:
-        status, extra, body = self.on_http(method, path, query, headers)
+        self._send_http(sock, method, *self.on_http(method, path, query, headers))
+
+    @staticmethod
+    def _send_http(sock: socket.socket, method: str, status: int, extra: dict, body: bytes) -> None:
         head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nConnection: close\r\n" % (status, _reason(status), len(body))
         head += "".join("%s: %s\r\n" % kv for kv in extra.items())
         try:
@@ -397,6 +419,10 @@ class FakeServer:
         return method, target, headers
 
     # -- hooks --------------------------------------------------------------------------
+    def upgrade_answer(self, path: str, query: dict, headers: dict) -> tuple[int, dict, bytes] | None:
+        """None to accept a WebSocket upgrade, or the HTTP answer ``(status, headers, body)`` refusing it."""
+        return None
+
     def on_http(self, method: str, path: str, query: dict, headers: dict) -> tuple[int, dict, bytes]:
         """Answer a plain HTTP request: ``(status, headers, body)``."""
         return 404, {"Content-Type": "text/plain"}, b"not found"
