@@ -66,6 +66,13 @@ class FileWatcher(threading.Thread):
     def run(self) -> None:
         day = rec.day_string(int(time.time()))
         cols = {c.name: c for c in rec.TRADE_COLUMNS}
+        for t in self.tables:  # rows stored before the drill began are not timed
+            try:
+                size = os.path.getsize(column_path(self.data_path, TableKey(t[0], t[1], rec.KIND_TRADES, day),
+                                                   cols["time"]))
+            except FileNotFoundError:
+                size = 0
+            self.seen[t] = size // 4
         while not self.stop_event.wait(0.02):
             now = time.time()
             for t in self.tables:

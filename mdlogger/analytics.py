@@ -1,9 +1,9 @@
 """Market figures per exchange and symbol, from the rows the writer stored.
 
 A thread of the supervisor (:class:`AnalyticsThread`) reads the rows
-appended to today's TRADES files since its last pass (the columns are
-memory-mapped read-only, like any reader would), so the figures come from
-exactly what is on disk and the write path does no extra work at all.
+appended to today's TRADES files since its last pass (read-only, through the
+storage's one column reader, ``storage.read_columns``), so the figures come
+from exactly what is on disk and the write path does no extra work at all.
 
 :class:`Analytics` is the pure engine: per symbol, for the current reporting
 interval (aligned to multiples of ``interval_secs`` of trade time), the last
@@ -26,12 +26,13 @@ import time
 from dataclasses import dataclass, field
 
 from . import records as rec
-from .storage import KIND_BY_TABLE, TableKey, column_path, iter_tables, table_rows
+from .storage import KIND_BY_TABLE, TableKey, iter_tables, read_columns, whole_rows
 
 log = logging.getLogger("mdlogger.analytics")
 
 MEDIAN_WINDOW = 500  # recent sizes kept per symbol for the median rule
 LARGE_KEPT = 10  # large trades listed per window
+FIGURE_COLUMNS = ("time", "price", "size", "side")  # the TRADES columns the figures are made of
 
 
 @dataclass
@@ -277,28 +278,14 @@ class AnalyticsThread(threading.Thread):
         for key in iter_tables(self.data_path, {today}):
             if key.kind != KIND_BY_TABLE["TRADES"]:
                 continue
-            rows = min(table_rows(self.data_path, key).values())
+            rows = whole_rows(self.data_path, key)
             done = self.offsets.get(key, 0)
             if rows > done:
-                self.engine.add_columns(key.exchange, key.symbol, *read_trade_columns(self.data_path, key, done, rows))
+                self.engine.add_columns(key.exchange, key.symbol,
+                                        *read_columns(self.data_path, key, FIGURE_COLUMNS, done, rows))
                 self.offsets[key] = rows
                 taken += rows - done
         return taken
-
-
-def read_trade_columns(data_path: str, key: TableKey, start: int, stop: int):
-    """The ``time, price, size, side`` columns of rows ``start..stop`` of a TRADES table, as tuples."""
-    import struct
-
-    columns = {c.name: c for c in rec.TRADE_COLUMNS}
-    values = []
-    for name in ("time", "price", "size", "side"):
-        column = columns[name]
-        with open(column_path(data_path, key, column), "rb") as fh:
-            fh.seek(start * column.width)
-            data = fh.read((stop - start) * column.width)
-        values.append(struct.unpack("<%d%s" % (stop - start, column.code), data))
-    return values
 
 
 def thresholds_from_settings(settings) -> tuple[float, float, dict]:

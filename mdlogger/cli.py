@@ -8,6 +8,12 @@
 
 Configuration errors print one line naming the file, the key and what was
 expected, and exit with status 2 before any process is started.
+
+Importing this module imports the exchange adapters, and with them the
+modules named in ``MDLOGGER_EXCHANGE_MODULES`` (mdlogger/exchanges/registry.py),
+before any setting is read and before the forkserver starts: the command's
+choices of exchange are the registered ones, and every process started from
+here (inheriting the environment) knows the same exchanges.
 """
 
 from __future__ import annotations
@@ -22,10 +28,22 @@ import tempfile
 import click
 import yaml
 
-from .settings import EXCHANGES, ConfigError, load_settings
+from .settings import ConfigError, load_settings
 
 EXIT_CONFIG = 2
 DEFAULT_CONFIGS = ("etc/logger.yaml", "/etc/mdlogger/logger.yaml")
+
+
+def _registered() -> tuple[tuple[str, ...], ConfigError | None]:
+    """The registered exchanges, or the error of a module in MDLOGGER_EXCHANGE_MODULES (reported by ``main``)."""
+    try:
+        from .exchanges import exchange_names
+    except ConfigError as exc:
+        return (), exc
+    return exchange_names(), None
+
+
+EXCHANGES, _REGISTRY_ERROR = _registered()
 
 
 def _config_path(path: str | None) -> str | None:
@@ -61,6 +79,8 @@ def _exchange_overrides(exchanges: str | None) -> dict:
 @click.pass_context
 def main(ctx: click.Context, config: str | None, debug: bool) -> None:
     """mdlogger: capture exchange trades and tickers into columnar files."""
+    if _REGISTRY_ERROR is not None:
+        _fail_config(_REGISTRY_ERROR)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
     ctx.obj["debug"] = debug
@@ -201,7 +221,6 @@ def _aligned(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
 def gaps_cmd(ctx: click.Context, day: str, data_path: str | None, exchange: str | None) -> None:
     """Print the gap ledger of one UTC day (YYYY-MM-DD): each gap's latest state."""
     from .ledger import iso_nanos, read_gaps
-    from .records import EXCHANGE_CODES
 
     day_s = _day_argument(day)
     data_path = _data_path_only(ctx, data_path, "gaps")
@@ -212,7 +231,7 @@ def gaps_cmd(ctx: click.Context, day: str, data_path: str | None, exchange: str 
         ident = g.get(end + "_id") or 0
         return "%s #%d" % (text, ident) if ident else text
 
-    for name in ([exchange] if exchange else sorted(EXCHANGE_CODES)):
+    for name in ([exchange] if exchange else EXCHANGES):
         for g in read_gaps(data_path, name, day_s):
             missing = g.get("missing")
             rows.append([name, str(g.get("symbol", "")), edge(g, "from"), edge(g, "to"), str(g.get("why", "")),
@@ -279,7 +298,7 @@ def symbols(ctx: click.Context, exchange: str) -> None:
 def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: int, timeout: float) -> None:
     """Connect, subscribe to one or two symbols and print the first parsed records."""
     from .exchanges import adapter_for
-    from .exchanges.base import resolve_symbols
+    from .planning import resolve_symbols
     from .rest import RestError
     from .tools import discover, test_feed
 
@@ -306,10 +325,11 @@ def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: 
 @click.pass_context
 def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode: str, exchanges: str | None) -> None:
     """Run the service against built-in simulated exchanges on loopback."""
-    from .fakes import FAKES
+    from .exchanges import fake_names
 
-    names = [x.strip() for x in exchanges.split(",")] if exchanges else sorted(FAKES)
-    unknown = [x for x in names if x not in FAKES]
+    simulated = fake_names()
+    names = [x.strip() for x in exchanges.split(",")] if exchanges else list(simulated)
+    unknown = [x for x in names if x not in simulated]
     if unknown:
         click.echo("mdlogger-supervisor demo: no simulated exchange named %s" % ", ".join(unknown), err=True)
         sys.exit(EXIT_CONFIG)

@@ -10,12 +10,16 @@ through :class:`GapEngine.trades`::
             (hold_secs max)   v    | then the held rows go through trades() again
                          request(gap) --> backfill thread (REST, mdlogger/history.py)
 
-**One dedupe rule** (:meth:`SymbolTrack.is_duplicate`) for live, snapshot,
+**One dedupe rule** (:meth:`Mark.is_duplicate`) for live, snapshot,
 overlap and backfilled rows: where the exchange has trade ids, a row is new
 only when its id is above the mark's; where it has none (Kraken v1), live rows
 are never dropped (two trades may share a time), while replayed and
 backfilled rows are new only after the mark's time, or at the mark's time
-when no stored row had the same price, size and side.
+when no stored row had the same price, size and side. The worker applies the
+same rule, through the same class, to the trades of a connection that
+replaces another (:class:`mdlogger.rotation.OverlapSink`: the old
+connection's trades are the mark, the new one's are replayed rows), so
+overlap rows reach the writer already deduplicated.
 
 **A gap** is
 
@@ -79,23 +83,22 @@ class OpenGap:
     covers: list = field(default_factory=list)  # orphaned gaps (a killed writer's) inside this one
 
 
-class SymbolTrack:
-    """One symbol's mark, pending resume, and open gap."""
+class Mark:
+    """The newest trade kept of one symbol, and the one dedupe rule against it.
 
-    __slots__ = ("mark_id", "mark_sec", "mark_nanos", "edge", "resume", "overlap", "gap", "known", "settled",
-                 "orphans")
+    Used by the writer (the newest stored trade, through :class:`SymbolTrack`)
+    and by the worker during an overlap (the newest trade the old connection
+    delivered). Rows are ``TRADE_WIRE``-ordered tuples.
+    """
+
+    __slots__ = ("mark_id", "mark_sec", "mark_nanos", "edge", "known")
 
     def __init__(self):
         self.mark_id = 0
         self.mark_sec = 0
         self.mark_nanos = 0
-        self.edge: collections.Counter = collections.Counter()  # keys of stored rows at the mark's time
-        self.resume: Optional[str] = None  # why a span without a connection ended (None: none pending)
-        self.overlap = False  # since the resume, a replayed row was already stored
-        self.gap: Optional[OpenGap] = None
-        self.known = False  # a mark was stored (now or by an earlier run)
-        self.settled: Optional[tuple] = None  # the end of a gap just closed: its row opens no gap again
-        self.orphans: list = []  # gaps a killed writer left pending: settled by what this one finds
+        self.edge: collections.Counter = collections.Counter()  # keys of kept rows at the mark's time
+        self.known = False  # a mark was kept (now or, in the writer, by an earlier run)
 
     def edge_tuple(self) -> tuple:
         return (self.mark_id, self.mark_sec, self.mark_nanos)
@@ -131,6 +134,20 @@ class SymbolTrack:
         if t != mt:
             return t < mt
         return self.edge.get(_key(row), 0) > 0
+
+
+class SymbolTrack(Mark):
+    """One symbol's mark (the newest stored trade), pending resume, and open gap."""
+
+    __slots__ = ("resume", "overlap", "gap", "settled", "orphans")
+
+    def __init__(self):
+        super().__init__()
+        self.resume: Optional[str] = None  # why a span without a connection ended (None: none pending)
+        self.overlap = False  # since the resume, a replayed row was already stored
+        self.gap: Optional[OpenGap] = None
+        self.settled: Optional[tuple] = None  # the end of a gap just closed: its row opens no gap again
+        self.orphans: list = []  # gaps a killed writer left pending: settled by what this one finds
 
 
 class GapEngine:
@@ -340,7 +357,7 @@ class GapEngine:
                         if (row[2], row[3]) == before[1:]:
                             at_end[_key(row)] += 1
         out = []
-        probe = SymbolTrack()
+        probe = Mark()
         probe.mark_id, probe.mark_sec, probe.mark_nanos = t.mark_id, t.mark_sec, t.mark_nanos
         probe.edge, probe.known = collections.Counter(t.edge), t.known
         for row in rows:

@@ -1,41 +1,38 @@
-"""``GET /health`` (and ``/``, ``/metrics``, ``/analytics``): a Flask app on a thread of the supervisor.
+"""The ``/health`` document: a pure function of a published ``ServiceView`` and the time.
 
-It only reads: the view the main loop publishes (one reference, swapped
-whole) and the lock-free counter blocks the children write. It never forks,
-kills or changes state.
+``health_document(view, now)`` returns ``(HTTP code, document)``: 200 when the
+writer is starting or running and every enabled exchange has a shard running
+and receiving, 503 otherwise. It reads the view (see view.py) and the lock-free
+counter blocks it refers to, and nothing else; ``web.py`` serves it, and the
+status page (statuspage.py) and ``/metrics`` (metrics.py) reuse its pieces.
+It imports neither the web layer nor the supervisor.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-
-from flask import Flask, jsonify
-from werkzeug.serving import make_server
 
 from .clock import clock_note, combine
 from .stats import gap_field
+from .view import ServiceView, SlotView
 
-log = logging.getLogger("mdlogger.health")
 
-
-def shard_health(entry: dict, now: float, stall: float) -> dict:
-    stats = entry["stats"]
+def shard_health(entry: SlotView, now: float, stall: float) -> dict:
+    stats = entry.stats
     s = stats.as_dict()
     last = s["last_message"]
     since_last = round(now - last, 3) if last else None
     connected = bool(s["connected"])
     receiving = connected and since_last is not None and since_last <= stall
     return {
-        "exchange": entry["exchange"],
-        "shard": entry["shard"],
-        "symbols": entry["symbols"],
-        "symbol_names": list(entry.get("symbol_names", ())),
+        "exchange": entry.exchange,
+        "shard": entry.shard,
+        "symbols": entry.symbols,
+        "symbol_names": list(entry.symbol_names),
         "pid": int(s["pid"]) or None,
-        "state": entry["state"],
-        "restarts": entry["restarts"],
-        "last_exit": entry["reason"],
+        "state": entry.state,
+        "restarts": entry.restarts,
+        "last_exit": entry.reason,
         "connected": connected,
         "receiving": receiving,
         "down_since": (None if connected or not s["down_since"] else _iso(s["down_since"])),
@@ -47,7 +44,7 @@ def shard_health(entry: dict, now: float, stall: float) -> dict:
         "parse_errors": int(s["parse_errors"]),
         "parse_errors_by_reason": stats.reasons(),
         "dropped_records": int(s["dropped_records"]),
-        "refused_symbols": [x for x in entry["note"].get().split(",") if x],
+        "refused_symbols": [x for x in entry.note.get().split(",") if x],
         "clock": shard_clock(s),
     }
 
@@ -66,7 +63,7 @@ def clock_figures(entries) -> tuple[float | None, float | None, int]:
     """``(p50, p99, samples)`` of an exchange over its slots' stats blocks (see clock.combine)."""
     figures = []
     for entry in entries:
-        s = entry["stats"].as_dict()
+        s = entry.stats.as_dict()
         figures.append((s.get("clock_offset_p50", 0.0), s.get("clock_offset_p99", 0.0),
                         int(s.get("clock_samples", 0))))
     return combine(figures)
@@ -107,116 +104,70 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def health_document(supervisor) -> tuple[int, dict]:
-    now = time.time()
-    settings = supervisor.settings
-    stall = settings.logger.stall_timeout_secs
-    view = supervisor.view
-    shards = [shard_health(entry, now, stall) for entry in view["slots"]]
-    ws = supervisor.writer_stats.as_dict()
-    writer = dict(view["writer"])
-    writer.update(
-        {
-            "pid": int(ws["pid"]) or None,
-            "rows_written": int(ws["rows"]),
-            "rows_md": int(ws["rows_md"]),
-            "rows_trades": int(ws["rows_trades"]),
-            "seconds_since_last_flush": round(now - ws["last_flush"], 3) if ws["last_flush"] else None,
-            "io_errors": int(ws["io_errors"]),
-            "bytes_written": int(ws["bytes_written"]),
-            "pending_rows": int(ws["pending_rows"]),
-            "corrupt_bytes": int(ws["corrupt_bytes"]),
-            "refused_records": int(ws["refused_records"]),
-            "repaired_tables": int(ws["repaired_tables"]),
-            "duplicate_trades_skipped": int(ws["duplicates"]),
-            "held_rows": int(ws.get("held_rows", 0)),
-            "sealed_days": int(ws.get("sealed_days", 0)),
-            "late_rows": int(ws.get("late_rows", 0)),
-        }
-    )
+def writer_health(view: ServiceView, now: float) -> dict:
+    """The writer's part of the document: its state machine and its counters."""
+    w = view.writer
+    ws = w.stats.as_dict()
+    return {
+        "state": w.state,
+        "restarts": w.restarts,
+        "reason": w.reason,
+        "backlog_bytes": w.backlog_bytes,
+        "pid": int(ws["pid"]) or None,
+        "rows_written": int(ws["rows"]),
+        "rows_md": int(ws["rows_md"]),
+        "rows_trades": int(ws["rows_trades"]),
+        "seconds_since_last_flush": round(now - ws["last_flush"], 3) if ws["last_flush"] else None,
+        "io_errors": int(ws["io_errors"]),
+        "bytes_written": int(ws["bytes_written"]),
+        "pending_rows": int(ws["pending_rows"]),
+        "corrupt_bytes": int(ws["corrupt_bytes"]),
+        "refused_records": int(ws["refused_records"]),
+        "repaired_tables": int(ws["repaired_tables"]),
+        "duplicate_trades_skipped": int(ws["duplicates"]),
+        "held_rows": int(ws.get("held_rows", 0)),
+        "sealed_days": int(ws.get("sealed_days", 0)),
+        "late_rows": int(ws.get("late_rows", 0)),
+    }
+
+
+def health_document(view: ServiceView, now: float) -> tuple[int, dict]:
+    """``(200 or 503, the /health document)`` for ``view`` at wall-clock time ``now``."""
+    shards = [shard_health(entry, now, view.stall_timeout_secs) for entry in view.slots]
+    ws = view.writer.stats.as_dict()
+    writer = writer_health(view, now)
     exchanges = {}
     healthy = writer["state"] in ("starting", "running")
-    for name, status in view["exchanges"].items():
+    for x in view.exchanges:
+        name = x.name
         mine = [s for s in shards if s["exchange"] == name]
-        entries = [e for e in view["slots"] if e["exchange"] == name]
         ok = any(s["state"] == "running" and s["receiving"] for s in mine)
         reasons: dict[str, int] = {}
         for s in mine:
             for reason, n in s["parse_errors_by_reason"].items():
                 reasons[reason] = reasons.get(reason, 0) + n
-        refused = sorted({x for s in mine for x in s["refused_symbols"]})
-        exchanges[name] = dict(status, healthy=ok, shards=len(mine),
-                               shards_receiving=sum(1 for s in mine if s["receiving"]),
-                               refused_by_reason=reasons, refused_by_exchange=refused,
-                               gaps=exchange_gaps(ws, name, now),
-                               clock=exchange_clock(entries, reasons.get("bad_time", 0)))
+        refused = sorted({r for s in mine for r in s["refused_symbols"]})
+        exchanges[name] = {
+            "state": x.state,
+            "error": x.error,
+            "symbols": x.symbols,
+            "uncovered_symbols": x.uncovered_symbols,
+            "refused_symbols": list(x.refused_symbols),
+            "healthy": ok,
+            "shards": len(mine),
+            "shards_receiving": sum(1 for s in mine if s["receiving"]),
+            "refused_by_reason": reasons,
+            "refused_by_exchange": refused,
+            "gaps": exchange_gaps(ws, name, now),
+            "clock": exchange_clock(view.slots_of(name), reasons.get("bad_time", 0)),
+        }
         healthy = healthy and ok
     doc = {
         "status": "ok" if healthy else "degraded",
-        "uptime_seconds": round(now - supervisor.started, 1),
-        "pid": supervisor_pid(),
+        "uptime_seconds": round(now - view.started, 1),
+        "pid": view.pid,
         "exchanges": exchanges,
         "shards": shards,
         "writer": writer,
     }
     return (200 if healthy else 503), doc
-
-
-def supervisor_pid() -> int:
-    import os
-
-    return os.getpid()
-
-
-def build_app(supervisor) -> Flask:
-    from .metrics import CONTENT_TYPE, metrics_registry, render
-
-    app = Flask("mdlogger")
-    registry = metrics_registry(supervisor)
-
-    @app.get("/")
-    def status():
-        from .statuspage import HEADERS, status_page
-
-        return status_page(supervisor), 200, HEADERS
-
-    @app.get("/health")
-    def health():
-        code, doc = health_document(supervisor)
-        return jsonify(doc), code
-
-    @app.get("/analytics")
-    def analytics():
-        return jsonify(supervisor.analytics.report())
-
-    @app.get("/metrics")
-    def metrics():
-        return render(registry), 200, {"Content-Type": CONTENT_TYPE}
-
-    return app
-
-
-class HealthServer:
-    def __init__(self, server):
-        self.server = server
-        self.thread = threading.Thread(target=server.serve_forever, name="health", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server.server_port
-
-    def shutdown(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(2.0)
-
-
-def start_health_server(supervisor, host: str, port: int) -> HealthServer:
-    app = build_app(supervisor)
-    server = make_server(host, port, app, threaded=True)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    hs = HealthServer(server)
-    hs.thread.start()
-    log.info("health on http://%s:%d/health", host, hs.port)
-    log.info("status page on http://%s:%d/", host, hs.port)
-    return hs

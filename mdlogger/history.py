@@ -107,9 +107,9 @@ def escaped(body: bytes, limit: int = ERROR_BODY_CHARS) -> str:
 class HistoryClient:
     """GETs against one exchange's REST API for ``Exchange.fetch_history``.
 
-    ``exchange``: the exchange's name (its adapter class gives the hooks and the
-    default pause) or an adapter; ``adapter``: the adapter to take them from
-    (default: the registered class of ``exchange``). ``session``: a ``requests.Session`` to use
+    ``adapter``: the exchange's adapter (class or instance), which gives the
+    hooks and the default pause (passed in, so this module never imports the
+    adapters, which import it). ``session``: a ``requests.Session`` to use
     (default: a new one, closed by :meth:`close`). ``stop``: an Event that ends
     waits early with HistoryDeadline(stopped=True). ``calls`` counts every HTTP
     request made; ``pauses`` every pause this client set on the bucket (rate-limit
@@ -117,17 +117,8 @@ class HistoryClient:
     One client may be used by several threads (requests' Session is, for GETs).
     """
 
-    def __init__(self, exchange, bucket: SharedBucket, timeout: float = 10.0, session=None,
-                 stop: threading.Event | None = None, adapter=None, rng=None):
-        if adapter is None and isinstance(exchange, str):
-            from .exchanges import ADAPTERS  # late: the adapters import this module
-
-            try:
-                adapter = ADAPTERS[exchange]
-            except KeyError:
-                raise ValueError("no adapter for exchange %r" % (exchange,)) from None
-        elif adapter is None:
-            adapter = exchange
+    def __init__(self, adapter, bucket: SharedBucket, timeout: float = 10.0, session=None,
+                 stop: threading.Event | None = None, rng=None):
         self.adapter = adapter  # an Exchange (class or instance): limited(), after_reply(), history
         self.exchange = adapter.name
         self.bucket = bucket

@@ -27,7 +27,8 @@ import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
-from .records import EXCHANGE_CODES, date_to_day_string, day_string
+from .exchanges.registry import is_exchange
+from .records import date_to_day_string, day_string
 
 log = logging.getLogger("mdlogger.ledger")
 
@@ -55,7 +56,7 @@ def normalize_day(day: str) -> str:
 
 
 def ledger_path(data_path: str, exchange: str, day: str) -> str:
-    if exchange not in EXCHANGE_CODES:
+    if not is_exchange(exchange):
         raise ValueError("unknown exchange %r" % (exchange,))
     return os.path.join(data_path, exchange, "gaps.%s.jsonl" % normalize_day(day))
 
@@ -93,7 +94,7 @@ class Gap:
         return day_string(self.from_sec)
 
     def check(self) -> None:
-        if self.exchange not in EXCHANGE_CODES:
+        if not is_exchange(self.exchange):
             raise ValueError("gap %s: unknown exchange %r" % (self.gap, self.exchange))
         if self.why not in WHYS:
             raise ValueError("gap %s: why must be one of %s, got %r" % (self.gap, ", ".join(WHYS), self.why))

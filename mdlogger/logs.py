@@ -110,6 +110,7 @@ class LogReceiver(threading.Thread):
     def __init__(self, fd: int):
         super().__init__(name="log-receiver", daemon=True)
         self.fd = fd
+        os.set_blocking(fd, False)  # a final read at stop must not wait for a line that never comes
         self._buf = b""
         self._stop_r, self._stop_w = os.pipe()
 
@@ -119,7 +120,8 @@ class LogReceiver(threading.Thread):
             if self.fd in ready and self._read_once():
                 continue
             if self._stop_r in ready:
-                self._read_once()
+                while self._read_once():
+                    pass
                 return
 
     def _read_once(self) -> bool:

@@ -1,33 +1,36 @@
 """``GET /metrics``: the service's counters in the Prometheus text format.
 
-A custom collector reads, at scrape time, the same lock-free counter blocks
-the workers and the writer keep in shared memory and the supervisor's
-published view, so the figures are aggregated across every process without
-any process pushing anything. Names follow Prometheus conventions
-(``mdlogger_..._total`` for counters, base units).
+``render_metrics(view, now)`` renders a published ``ServiceView`` (view.py):
+at scrape time it reads the lock-free counter blocks the workers and the
+writer keep in shared memory, so the figures are aggregated across every
+process without any process pushing anything. Names follow Prometheus
+conventions (``mdlogger_..._total`` for counters, base units). Besides the
+view, only the resident memory of each process is looked up (psutil).
+``web.py`` serves it; this module imports neither the web layer nor the
+supervisor.
 """
 
 from __future__ import annotations
-
-import os
-import time
 
 import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .health import clock_figures, exchange_gaps
+from .view import ServiceView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class ServiceCollector:
-    def __init__(self, supervisor):
-        self.supervisor = supervisor
+    """A one-shot collector: the metrics of one view at one time."""
+
+    def __init__(self, view: ServiceView, now: float):
+        self.view = view
+        self.now = now
 
     def collect(self):
-        view = self.supervisor.view
-        now = time.time()
+        view, now = self.view, self.now
         labels = ["exchange", "shard"]
         c = {
             "messages": CounterMetricFamily("mdlogger_messages", "Data frames received", labels=labels),
@@ -42,17 +45,17 @@ class ServiceCollector:
         connected = GaugeMetricFamily("mdlogger_connected", "1 while the shard's connection is open", labels=labels)
         silence = GaugeMetricFamily("mdlogger_seconds_since_last_message", "Seconds since the shard's last frame",
                                     labels=labels)
-        for entry in view["slots"]:
-            s = entry["stats"].as_dict()
-            lv = [entry["exchange"], str(entry["shard"])]
+        for entry in view.slots:
+            s = entry.stats.as_dict()
+            lv = [entry.exchange, str(entry.shard)]
             c["messages"].add_metric(lv, s["messages"])
             c["records"].add_metric(lv + ["md"], s["records_md"])
             c["records"].add_metric(lv + ["trades"], s["records_trades"])
-            for reason, n in entry["stats"].reasons().items():
+            for reason, n in entry.stats.reasons().items():
                 c["refused"].add_metric(lv + [reason], n)
             c["dropped"].add_metric(lv, s["dropped_records"])
             c["reconnects"].add_metric(lv, s["reconnects"])
-            c["restarts"].add_metric(lv, entry["restarts"])
+            c["restarts"].add_metric(lv, entry.restarts)
             connected.add_metric(lv, s["connected"])
             if s["last_message"]:
                 silence.add_metric(lv, max(0.0, now - s["last_message"]))
@@ -62,10 +65,10 @@ class ServiceCollector:
         yield from self._writer(view)
         yield from self._gaps(view, now)
         yield self._clock(view)
-        yield self._memory()
+        yield self._memory(view)
 
-    def _writer(self, view):
-        w = self.supervisor.writer_stats.as_dict()
+    def _writer(self, view: ServiceView):
+        w = view.writer.stats.as_dict()
         rows = CounterMetricFamily("mdlogger_writer_rows", "Rows written", labels=["table"])
         rows.add_metric(["MD"], w["rows_md"])
         rows.add_metric(["TRADES"], w["rows_trades"])
@@ -77,7 +80,7 @@ class ServiceCollector:
         yield GaugeMetricFamily("mdlogger_writer_flush_duration_seconds", "Duration of the last flush",
                                 value=w["flush_seconds"])
         yield GaugeMetricFamily("mdlogger_writer_queue_backlog_bytes", "Bytes waiting in the worker pipes",
-                                value=view["writer"].get("backlog_bytes", 0))
+                                value=view.writer.backlog_bytes)
         yield GaugeMetricFamily("mdlogger_writer_pending_rows", "Rows buffered, not yet written", value=w["pending_rows"])
         yield GaugeMetricFamily("mdlogger_writer_held_rows", "Rows held back until a gap before them is filled",
                                 value=w.get("held_rows", 0))
@@ -85,9 +88,9 @@ class ServiceCollector:
         yield CounterMetricFamily("mdlogger_late_rows", "Rows for a day already sealed (refused)",
                                   value=w.get("late_rows", 0))
 
-    def _gaps(self, view, now: float):
+    def _gaps(self, view: ServiceView, now: float):
         """Per enabled exchange, what became of the gaps in its trades (the writer's counters)."""
-        w = self.supervisor.writer_stats.as_dict()
+        w = view.writer.stats.as_dict()
         gaps = CounterMetricFamily("mdlogger_gaps", "Gaps in an exchange's trades, by what became of them",
                                    labels=["exchange", "fate"])
         pending = GaugeMetricFamily("mdlogger_gaps_pending", "Gaps being filled", labels=["exchange"])
@@ -98,7 +101,7 @@ class ServiceCollector:
         oldest = GaugeMetricFamily("mdlogger_oldest_pending_gap_seconds",
                                    "Seconds since the oldest gap still being filled was detected (0: none)",
                                    labels=["exchange"])
-        for name in sorted(view["exchanges"]):
+        for name in sorted(x.name for x in view.exchanges):
             g = exchange_gaps(w, name, now)
             for fate in ("detected", "filled", "empty", "unrecoverable"):
                 gaps.add_metric([name, fate], g[fate])
@@ -108,15 +111,15 @@ class ServiceCollector:
             oldest.add_metric([name], g["oldest_pending_gap_seconds"] or 0.0)
         yield from (gaps, pending, backfilled, calls, oldest)
 
-    def _clock(self, view):
+    def _clock(self, view: ServiceView):
         """Per exchange with samples: local receive time minus the exchange's event time over the last minute."""
         offset = GaugeMetricFamily("mdlogger_clock_offset_seconds",
                                    "Local receive time minus exchange event time (median over shards of each "
                                    "shard's last-minute median; 0.99: the largest shard 99th percentile)",
                                    labels=["exchange", "quantile"])
         by_exchange: dict[str, list] = {}
-        for entry in view["slots"]:
-            by_exchange.setdefault(entry["exchange"], []).append(entry)
+        for entry in view.slots:
+            by_exchange.setdefault(entry.exchange, []).append(entry)
         for name in sorted(by_exchange):
             p50, p99, n = clock_figures(by_exchange[name])
             if n:
@@ -124,10 +127,10 @@ class ServiceCollector:
                 offset.add_metric([name, "0.99"], p99)
         return offset
 
-    def _memory(self):
+    def _memory(self, view: ServiceView):
         rss = GaugeMetricFamily("mdlogger_process_resident_memory_bytes", "RSS of each process", labels=["process"])
-        procs = [("supervisor", os.getpid()), ("writer", int(self.supervisor.writer_stats.get("pid")))]
-        procs += [("%s#%d" % (e["exchange"], e["shard"]), int(e["stats"].get("pid"))) for e in self.supervisor.view["slots"]]
+        procs = [("supervisor", view.pid), ("writer", int(view.writer.stats.get("pid")))]
+        procs += [("%s#%d" % (e.exchange, e.shard), int(e.stats.get("pid"))) for e in view.slots]
         for name, pid in procs:
             if not pid:
                 continue
@@ -138,11 +141,8 @@ class ServiceCollector:
         return rss
 
 
-def metrics_registry(supervisor) -> CollectorRegistry:
+def render_metrics(view: ServiceView, now: float) -> bytes:
+    """The Prometheus text exposition of ``view`` at wall-clock time ``now``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(supervisor))
-    return registry
-
-
-def render(registry: CollectorRegistry) -> bytes:
+    registry.register(ServiceCollector(view, now))
     return generate_latest(registry)

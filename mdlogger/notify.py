@@ -1,4 +1,4 @@
-"""systemd notifications (``Type=notify``): READY, WATCHDOG, STOPPING.
+"""systemd notifications (``Type=notify``): READY, RELOADING, WATCHDOG, STOPPING.
 
 A datagram to the socket named by ``NOTIFY_SOCKET``; nothing when unset.
 Written here rather than taken from a package: it is one sendto().

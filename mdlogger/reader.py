@@ -8,6 +8,8 @@ Columns come back typed without copying: ``memoryview`` casts (``'I'``,
 arrays when numpy is installed and ``numpy=True`` (the default when it is).
 ``rows`` is the row count every column holds whole; a longer column (a writer
 killed mid-flush, before its repair at the next start) is cut to it.
+:func:`read_rows` copies the values out instead, through the storage's one
+column reader (``storage.read_columns``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from typing import IO
 
 from . import records as rec
-from .storage import KIND_BY_TABLE, TableKey, column_path
+from .storage import KIND_BY_TABLE, TableKey, column_path, read_columns, whole_rows
 
 try:  # numpy is optional
     import numpy as _np
@@ -53,29 +55,37 @@ class FixedBytes:
             yield self[i]
 
 
+def table_key(exchange: str, symbol: str, table: str, day: str) -> TableKey:
+    """The key of a table named as users name it: ``MD``/``TRADES``, day as DD.MM.YY or YYYY-MM-DD."""
+    kind = KIND_BY_TABLE.get(table.upper())
+    if kind is None:
+        raise ValueError("table must be MD or TRADES, got %r" % (table,))
+    if "-" in day and len(day) == 10:
+        day = rec.date_to_day_string(day)
+    return TableKey(exchange, symbol, kind, day)
+
+
+def _rows(data_path: str, key: TableKey) -> int:
+    """Whole rows of a table every column file of which exists (FileNotFoundError otherwise)."""
+    for column in rec.COLUMNS[key.kind]:
+        path = column_path(data_path, key, column)
+        if not os.path.exists(path):
+            raise FileNotFoundError("no such column file: %s" % path)
+    return whole_rows(data_path, key)
+
+
 class Table:
     """The mapped columns of one table-day. Use as a context manager."""
 
     def __init__(self, data_path: str, exchange: str, symbol: str, table: str, day: str, numpy: bool | None = None):
-        kind = KIND_BY_TABLE.get(table.upper())
-        if kind is None:
-            raise ValueError("table must be MD or TRADES, got %r" % (table,))
-        if "-" in day and len(day) == 10:
-            day = rec.date_to_day_string(day)
-        self.key = TableKey(exchange, symbol, kind, day)
-        self.columns_spec = rec.COLUMNS[kind]
+        self.key = table_key(exchange, symbol, table, day)
+        self.columns_spec = rec.COLUMNS[self.key.kind]
         use_numpy = (_np is not None) if numpy is None else numpy
         if use_numpy and _np is None:
             raise RuntimeError("numpy is not installed")
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
-        sizes = {}
-        for column in self.columns_spec:
-            path = column_path(data_path, self.key, column)
-            if not os.path.exists(path):
-                raise FileNotFoundError("no such column file: %s" % path)
-            sizes[column.name] = os.path.getsize(path) // column.width
-        self.rows = min(sizes.values()) if sizes else 0
+        self.rows = _rows(data_path, self.key)
         self.columns: dict[str, object] = {}
         for column in self.columns_spec:
             self.columns[column.name] = self._map(data_path, column, use_numpy)
@@ -135,9 +145,9 @@ def open_table(data_path: str, exchange: str, symbol: str, table: str, day: str,
 
 def read_rows(data_path: str, exchange: str, symbol: str, table: str, day: str) -> list[tuple]:
     """Every row as a tuple of Python values (column order of the format)."""
-    with open_table(data_path, exchange, symbol, table, day, numpy=False) as t:
-        cols = [t[c.name] for c in t.columns_spec]
-        return [tuple(col[i] for col in cols) for i in range(t.rows)]
+    key = table_key(exchange, symbol, table, day)
+    names = [c.name for c in rec.COLUMNS[key.kind]]
+    return list(zip(*read_columns(data_path, key, names, 0, _rows(data_path, key))))
 
 
 def dump_csv(data_path: str, exchange: str, symbol: str, table: str, day: str, out: IO[str]) -> int:

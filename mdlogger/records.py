@@ -40,12 +40,17 @@ SIDE_SELL = 2  # the taker sold
 NAN = float("nan")
 ZERO_ID = b"\x00" * 16
 
-EXCHANGE_CODES = {"coinbase": 1, "binance": 2, "bitfinex": 3, "kraken": 4, "okx": 5}
-EXCHANGE_NAMES = {code: name for name, code in EXCHANGE_CODES.items()}
+# An exchange's name (its adapter's ``name``) names its directory and appears in
+# environment variables (LOGGER_EXCHANGES_<NAME>_<KEY>): lowercase letters and
+# digits only, so it never clashes with a symbol directory (always a '-') or a
+# day file, and never splits at an underscore.
+EXCHANGE_NAME_MAX = 32
+EXCHANGE_NAME_RE = re.compile(r"[a-z][a-z0-9]*", re.ASCII)
 
 SYMBOL_FIELD = 24  # bytes reserved for the normalized symbol in a wire record
-SYMBOL_RE = re.compile(r"^[A-Z0-9]+-[A-Z0-9]+$")
-_SYMBOL_BYTES_RE = re.compile(rb"^[A-Z0-9]+-[A-Z0-9]+$")
+# Matched whole (fullmatch: "$" would accept a trailing newline), ASCII only.
+SYMBOL_RE = re.compile(r"[A-Z0-9]+-[A-Z0-9]+", re.ASCII)
+_SYMBOL_BYTES_RE = re.compile(rb"[A-Z0-9]+-[A-Z0-9]+")
 
 
 class Column(NamedTuple):
@@ -93,11 +98,16 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def valid_symbol(symbol: str) -> bool:
     """True when ``symbol`` may name a directory: ``BASE-QUOTE``, A-Z and 0-9."""
-    return len(symbol) <= SYMBOL_FIELD and SYMBOL_RE.match(symbol) is not None
+    return len(symbol) <= SYMBOL_FIELD and SYMBOL_RE.fullmatch(symbol) is not None
+
+
+def valid_exchange(name: str) -> bool:
+    """True when ``name`` may name an exchange (and its directory): a-z then a-z, 0-9."""
+    return isinstance(name, str) and len(name) <= EXCHANGE_NAME_MAX and EXCHANGE_NAME_RE.fullmatch(name) is not None
 
 
 def valid_symbol_bytes(symbol: bytes) -> bool:
-    return _SYMBOL_BYTES_RE.match(symbol) is not None
+    return _SYMBOL_BYTES_RE.fullmatch(symbol) is not None
 
 
 def symbol_bytes(symbol: str) -> bytes:

@@ -8,7 +8,7 @@ to do; nothing here touches a process, so every rule is tested directly.
 * An exchange whose symbols or shard limits changed (or whose REST settings
   changed) is discovered again and its shards recomputed so that shards whose
   symbols did not change keep their worker and connection
-  (:func:`mdlogger.exchanges.base.reshard`).
+  (:func:`mdlogger.planning.reshard`).
 * An exchange whose connection settings changed (endpoint, timeouts, reconnect
   delays) has every shard replaced.
 * Only a per-symbol large-trade threshold changed: the analytics engine takes

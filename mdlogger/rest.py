@@ -7,11 +7,14 @@ client (mdlogger/history.py); both spend the exchange's one shared budget.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 
 import requests
+
+from .logs import escape
 
 log = logging.getLogger("mdlogger.rest")
 
@@ -41,17 +44,15 @@ class RestClient:
             if self.bucket is not None:
                 self.bucket.acquire(self.cost)
             try:
-                resp = self.session.get(url, params=params, timeout=self.timeout)
+                resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 problem, wait = "%s" % (exc.__class__.__name__,), None
             else:
                 if resp.status_code == 200:
-                    try:
-                        return resp.json()
-                    except ValueError as exc:
-                        raise RestError("GET %s: invalid JSON: %s" % (url, exc)) from None
+                    return _json_body(resp, url)
                 if resp.status_code not in RETRY_STATUSES:
-                    raise RestError("GET %s: HTTP %d: %s" % (url, resp.status_code, resp.text[:200]))
+                    text = resp.raw.read(200, decode_content=True).decode("utf-8", "replace")
+                    raise RestError("GET %s: HTTP %d: %s" % (url, resp.status_code, escape(text)))
                 problem, wait = "HTTP %d" % resp.status_code, _retry_after(resp)
                 if wait is not None and self.bucket is not None and resp.status_code in (418, 429):
                     self.bucket.pause(wait)  # every process of this exchange waits, not only this one
@@ -69,11 +70,33 @@ class RestClient:
         self.session.close()
 
 
+MAX_RETRY_AFTER = 300.0  # an exchange asking for longer (or "inf") is waited this long, then asked again
+MAX_BODY_BYTES = 32 << 20  # a listing bigger than this is not a listing
+
+
 def _retry_after(resp) -> float | None:
     value = resp.headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        wait = float(value)
     except ValueError:
         return None
+    if wait != wait:  # NaN
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, wait))
+
+
+def _json_body(resp, url: str):
+    """The reply's JSON, read at most MAX_BODY_BYTES."""
+    chunks, size = [], 0
+    for chunk in resp.iter_content(1 << 16):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            resp.close()
+            raise RestError("GET %s: reply larger than %d bytes" % (url, MAX_BODY_BYTES))
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise RestError("GET %s: invalid JSON: %s" % (url, exc)) from None

@@ -20,7 +20,8 @@ import tempfile
 import time
 
 from .ledger import FILE_MODE, iso_nanos, normalize_day, read_gaps
-from .records import COLUMNS, EXCHANGE_CODES, KIND_TRADES, day_index, day_string
+from .exchanges.registry import is_exchange
+from .records import COLUMNS, KIND_TRADES, day_index, day_string
 from .storage import TableKey, column_path, iter_tables
 
 MANIFEST_FORMAT = 1
@@ -29,7 +30,7 @@ _CHUNK = 1 << 20
 
 
 def manifest_path(data_path: str, exchange: str, day: str) -> str:
-    if exchange not in EXCHANGE_CODES:
+    if not is_exchange(exchange):
         raise ValueError("unknown exchange %r" % (exchange,))
     return os.path.join(data_path, exchange, "manifest.%s.json" % normalize_day(day))
 

@@ -6,6 +6,10 @@ command line. Every value is checked against its key's type and bounds;
 unknown keys are errors. A :class:`ConfigError` is one line naming the
 source (file path, environment variable or command line), the dotted key and
 what was expected.
+
+The exchanges are the registered adapters (mdlogger/exchanges/registry.py);
+each adapter declares its default endpoints and any other default of its
+``exchanges.<name>`` section, checked here like a file's values.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ from urllib.parse import urlsplit
 
 import yaml
 
-EXCHANGES = ("coinbase", "binance", "bitfinex", "kraken", "okx")
 
-DEFAULT_ENDPOINTS = {
-    "coinbase": ("wss://ws-feed.exchange.coinbase.com", "https://api.exchange.coinbase.com"),
-    "binance": ("wss://stream.binance.com:9443", "https://api.binance.com"),
-    "bitfinex": ("wss://api-pub.bitfinex.com/ws/2", "https://api-pub.bitfinex.com"),
-    "kraken": ("wss://ws.kraken.com", "https://api.kraken.com"),
-    "okx": ("wss://ws.okx.com:8443/ws/v5/public", "https://www.okx.com"),
-}
-DEFAULT_SYMBOLS_PER_CONNECTION = {"bitfinex": 12}  # 25 channels per connection, 2 per symbol
+
+def exchange_names() -> tuple[str, ...]:
+    """The registered exchanges, in name order (importing the adapters on first use)."""
+    from .exchanges import exchange_names as registered  # here: the adapters import this module
+
+    return registered()
+
+
+def __getattr__(name: str):
+    if name == "EXCHANGES":  # the registered names, read when asked (the older constant's name)
+        return exchange_names()
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
 class ConfigError(Exception):
@@ -298,8 +305,8 @@ def _apply_file(doc: dict, path: str, logger: dict, exchanges: dict) -> None:
             if not isinstance(section, dict):
                 raise ConfigError(path, "exchanges", "expected a mapping of exchange names, got %r" % (section,))
             for name, body in section.items():
-                if name not in EXCHANGES:
-                    raise ConfigError(path, "exchanges.%s" % name, "unknown exchange (known: %s)" % ", ".join(EXCHANGES))
+                if name not in exchanges:
+                    raise ConfigError(path, "exchanges.%s" % name, "unknown exchange (known: %s)" % ", ".join(exchanges))
                 if body is None:
                     continue
                 if not isinstance(body, dict):
@@ -321,8 +328,8 @@ def _apply_env(env: Mapping[str, str], logger: dict, exchanges: dict) -> None:
             tail = rest[len("EXCHANGES_"):]
             name, _, key = tail.partition("_")
             name, key = name.lower(), key.lower()
-            if name not in EXCHANGES:
-                raise ConfigError(source, "exchanges.%s" % name, "unknown exchange (known: %s)" % ", ".join(EXCHANGES))
+            if name not in exchanges:
+                raise ConfigError(source, "exchanges.%s" % name, "unknown exchange (known: %s)" % ", ".join(exchanges))
             _apply(exchanges[name], EXCHANGE_RULES, key, value, source, "exchanges.%s.%s" % (name, key), True)
         else:
             key = rest.lower()
@@ -335,19 +342,26 @@ def _apply_overrides(overrides: Mapping[str, Any], logger: dict, exchanges: dict
         parts = dotted.split(".")
         if len(parts) == 2 and parts[0] == "logger":
             _apply(logger, LOGGER_RULES, parts[1], value, source, dotted)
-        elif len(parts) == 3 and parts[0] == "exchanges" and parts[1] in EXCHANGES:
+        elif len(parts) == 3 and parts[0] == "exchanges" and parts[1] in exchanges:
             _apply(exchanges[parts[1]], EXCHANGE_RULES, parts[2], value, source, dotted)
         else:
             raise ConfigError(source, dotted, "unknown key")
 
 
 def _defaults() -> tuple[dict, dict]:
+    """The built-in logger values (none: the dataclass defaults) and, per registered exchange in name
+    order, what its adapter declares: endpoints, then its other defaults."""
+    from .exchanges import adapter_class
+
     exchanges = {}
-    for name in EXCHANGES:
-        ws, rest = DEFAULT_ENDPOINTS[name]
-        exchanges[name] = {"ws_endpoint": ws, "rest_endpoint": rest}
-        if name in DEFAULT_SYMBOLS_PER_CONNECTION:
-            exchanges[name]["symbols_per_connection"] = DEFAULT_SYMBOLS_PER_CONNECTION[name]
+    for name in exchange_names():
+        cls = adapter_class(name)
+        source = "adapter %s.%s" % (cls.__module__, cls.__qualname__)
+        body = exchanges[name] = {}
+        declared = {"ws_endpoint": cls.default_ws_endpoint, "rest_endpoint": cls.default_rest_endpoint}
+        declared.update(cls.default_settings)
+        for key, value in declared.items():
+            _apply(body, EXCHANGE_RULES, key, value, source, "exchanges.%s.%s" % (name, key))
     return {}, exchanges
 
 
@@ -410,7 +424,7 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None, overri
         logger["log_level"] = logger["log_level"].upper()
     settings = Settings(
         logger=LoggerSettings(**logger),
-        exchanges=tuple(ExchangeSettings(name=name, **exchanges[name]) for name in EXCHANGES),
+        exchanges=tuple(ExchangeSettings(name=name, **body) for name, body in exchanges.items()),
         source=source,
     )
     _check_relations(settings, origin)

@@ -29,6 +29,8 @@ DROP_REASONS = (
     "oversized",  # a frame larger than the adapter allows
     "exchange_error",  # an error or notice message from the exchange
     "duplicate",  # a trade already stored (snapshot replay)
+    "merged",  # a row of merged fills, fetched fill by fill from REST instead
+    "parser_error",  # the adapter raised something unexpected on this frame (counted, sampled in the log)
 )
 
 WORKER_FIELDS = (
@@ -56,7 +58,8 @@ WORKER_FIELDS = (
 
 # Per exchange, in the writer's block: what became of the gaps in its trades
 # (see mdlogger/gaps.py). ``oldest_pending_gap`` is the wall-clock time the
-# oldest gap still being filled was detected (0: none pending).
+# oldest gap still being filled was detected (0: none pending). One set per
+# registered exchange, named by :func:`gap_field` (see :func:`writer_fields`).
 GAP_FIELDS = (
     "gaps_detected",
     "gaps_filled",  # trades fetched and stored
@@ -67,7 +70,6 @@ GAP_FIELDS = (
     "rest_calls",  # REST requests made for backfill
     "oldest_pending_gap",
 )
-GAP_EXCHANGES = ("coinbase", "binance", "bitfinex", "kraken", "okx")
 
 
 def gap_field(field: str, exchange: str) -> str:
@@ -75,7 +77,8 @@ def gap_field(field: str, exchange: str) -> str:
     return "%s_%s" % (field, exchange)
 
 
-WRITER_FIELDS = (
+# The writer's own counters; :func:`writer_fields` adds the gap counters of every exchange.
+WRITER_BASE_FIELDS = (
     "pid",
     "started",
     "heartbeat",
@@ -96,7 +99,29 @@ WRITER_FIELDS = (
     "held_rows",  # rows waiting for a gap before them to be filled
     "sealed_days",  # day manifests written
     "late_rows",  # rows for a day already sealed (refused, counted)
-) + tuple(gap_field(f, x) for x in GAP_EXCHANGES for f in GAP_FIELDS)
+)
+
+
+def writer_fields(exchanges: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The cells of the writer's block: its own counters, then the gap counters of each exchange
+    (default: every registered one, read now; the supervisor and the writer both call this after
+    the adapters are imported, so they agree)."""
+    if exchanges is None:
+        from .exchanges import exchange_names
+
+        exchanges = exchange_names()
+    return WRITER_BASE_FIELDS + tuple(gap_field(f, x) for x in exchanges for f in GAP_FIELDS)
+
+
+def __getattr__(name: str):
+    # The older constants, derived from the registry when read.
+    if name == "WRITER_FIELDS":
+        return writer_fields()
+    if name == "GAP_EXCHANGES":
+        from .exchanges import exchange_names
+
+        return exchange_names()
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
 class Block:
@@ -120,6 +145,9 @@ class Block:
 
     def index(self, name: str) -> int:
         return self._index[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
 
     def get(self, name: str) -> float:
         return self._array[self._index[name]]

@@ -1,10 +1,14 @@
 """``GET /``: a small status page for a person with a browser.
 
-Self-contained HTML (inline CSS and script, nothing fetched from elsewhere),
-rendered on the server from the same documents as ``/health`` and
-``/analytics``, so the page and the JSON endpoints always agree. It works
-without JavaScript (a ``<noscript>`` meta refresh every 5 s); with it, a small
-script fetches the page every 2 s and swaps the ``<main>`` element in place.
+``status_page(view, now, report)`` renders a published ``ServiceView``
+(view.py) and an analytics report (``Analytics.report``): self-contained HTML
+(inline CSS and script, nothing fetched from elsewhere), built from the very
+``/health`` document (``health.health_document``) and ``/analytics`` report,
+so the page and the JSON endpoints always agree. It works without JavaScript
+(a ``<noscript>`` meta refresh every 5 s); with it, a small script fetches the
+page every 2 s and swaps the ``<main>`` element in place. ``web.py`` serves
+it with ``HEADERS``; this module imports neither the web layer nor the
+supervisor.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import time
 
 from .health import health_document
+from .view import ServiceView
 
 REFRESH_MS = 2000  # the inline script's period
 NOSCRIPT_REFRESH_SECS = 5
@@ -333,11 +338,17 @@ def gaps_html(doc: dict) -> str:
     )
 
 
-def active_rows(analytics, now: float) -> tuple[int, list[dict]]:
-    """The most active symbols over the last complete interval, with last price and today's trades."""
-    report = analytics.report(now)
+def most_active(report: dict, n: int = MOST_ACTIVE) -> list[tuple[str, str, dict]]:
+    """The ``n`` symbols of ``report`` with most trades in its last complete interval (none without trades)."""
+    rows = [(x, s, f["interval"]) for x, syms in report["exchanges"].items() for s, f in syms.items()]
+    rows.sort(key=lambda r: -r[2]["trades"])
+    return [r for r in rows[:n] if r[2]["trades"]]
+
+
+def active_rows(report: dict) -> list[dict]:
+    """The most active symbols over the report's last complete interval, with last price and today's trades."""
     rows = []
-    for exchange, symbol, f in analytics.most_active(MOST_ACTIVE, report=report):
+    for exchange, symbol, f in most_active(report):
         figures = report["exchanges"].get(exchange, {}).get(symbol, {})
         rows.append({
             "exchange": exchange,
@@ -347,7 +358,7 @@ def active_rows(analytics, now: float) -> tuple[int, list[dict]]:
             "trades": f["trades"],
             "today_trades": figures.get("today", {}).get("trades", 0),
         })
-    return report["interval_secs"], rows
+    return rows
 
 
 def active_row(r: dict) -> str:
@@ -397,9 +408,7 @@ def render_page(doc: dict, interval_secs: int, active: list[dict], now: float) -
     )
 
 
-def status_page(supervisor) -> str:
-    """The page for a running supervisor."""
-    now = time.time()
-    _code, doc = health_document(supervisor)
-    interval_secs, active = active_rows(supervisor.analytics, now)
-    return render_page(doc, interval_secs, active, now)
+def status_page(view: ServiceView, now: float, report: dict) -> str:
+    """The page for ``view`` at wall-clock time ``now``, with the most active symbols of ``report``."""
+    _code, doc = health_document(view, now)
+    return render_page(doc, report["interval_secs"], active_rows(report), now)

@@ -17,10 +17,11 @@ import os
 import re
 import struct
 from dataclasses import dataclass
+from typing import Iterable
 
+from .exchanges.registry import exchange_names, is_exchange
 from .records import (
     COLUMNS,
-    EXCHANGE_CODES,
     KIND_MD,
     KIND_TRADES,
     TABLE_NAMES,
@@ -48,7 +49,7 @@ class TableKey:
 
 
 def table_dir(data_path: str, exchange: str, symbol: str, kind: int) -> str:
-    if exchange not in EXCHANGE_CODES:
+    if not is_exchange(exchange):
         raise ValueError("unknown exchange %r" % (exchange,))
     if not valid_symbol(symbol):
         raise ValueError("symbol %r may not be used in a path" % (symbol,))
@@ -102,9 +103,15 @@ def repair_table(data_path: str, key: TableKey) -> dict[str, int]:
     return cut
 
 
-def iter_tables(data_path: str, days: set[str] | None = None):
-    """Every table (exchange, symbol, kind, day) that has at least one file."""
-    for exchange in sorted(EXCHANGE_CODES):
+def _exchanges(exchanges: Iterable[str] | None) -> list[str]:
+    """The exchange directories to look in: the given names, else every registered exchange."""
+    return sorted(exchange_names() if exchanges is None else exchanges)
+
+
+def iter_tables(data_path: str, days: set[str] | None = None, exchanges: Iterable[str] | None = None):
+    """Every table (exchange, symbol, kind, day) that has at least one file, of the given exchanges
+    (default: every registered one)."""
+    for exchange in _exchanges(exchanges):
         edir = os.path.join(data_path, exchange)
         try:
             symbols = sorted(os.listdir(edir))
@@ -131,9 +138,10 @@ def iter_tables(data_path: str, days: set[str] | None = None):
 _DAY_FILE_RE = re.compile(r"^(?:gaps|manifest)\.(\d\d\.\d\d\.\d\d)\.(?:jsonl|json)$")
 
 
-def expired_days(data_path: str, before_day: int):
-    """``(path, day)`` of every column file, gap ledger and manifest whose day index is before ``before_day``."""
-    for exchange in sorted(EXCHANGE_CODES):
+def expired_days(data_path: str, before_day: int, exchanges: Iterable[str] | None = None):
+    """``(path, day)`` of every column file, gap ledger and manifest whose day index is before ``before_day``
+    (of the given exchanges; default: every registered one)."""
+    for exchange in _exchanges(exchanges):
         edir = os.path.join(data_path, exchange)
         try:
             symbols = os.listdir(edir)
@@ -168,20 +176,42 @@ def repair_all(data_path: str, days: set[str] | None = None) -> list[tuple[Table
     return repaired
 
 
-def last_trades(data_path: str, key: TableKey, n: int, names=("id", "time", "nanos")) -> list[tuple]:
-    """The ``names`` columns of up to the last ``n`` whole rows of a TRADES table, oldest first."""
-    columns = {c.name: c for c in COLUMNS[KIND_TRADES]}
-    rows = min(table_rows(data_path, key).values())
-    take = min(rows, n)
-    if take == 0:
-        return []
+def whole_rows(data_path: str, key: TableKey) -> int:
+    """Rows every column of a table holds whole (a missing column holds none)."""
+    return min(table_rows(data_path, key).values())
+
+
+def read_columns(data_path: str, key: TableKey, names, start: int, stop: int) -> list[tuple]:
+    """The one column reader: columns ``names`` of rows ``start..stop`` of a table, one tuple of values each.
+
+    One read per column; values are Python ints, floats (float32 widened) and
+    16-byte strings, as the format stores them. Used by the writer (its mark),
+    ``verify``, the reader's ``read_rows`` and analytics; ``reader.Table`` maps
+    the same files instead, for zero-copy views.
+    """
+    columns = {c.name: c for c in COLUMNS[key.kind]}
+    count = max(0, stop - start)
     values = []
     for name in names:
         column = columns[name]
         with open(column_path(data_path, key, column), "rb") as fh:
-            fh.seek((rows - take) * column.width)
-            values.append(struct.unpack("<%d%s" % (take, column.code), fh.read(take * column.width)))
-    return list(zip(*values))
+            fh.seek(start * column.width)
+            data = fh.read(count * column.width)
+        if column.code.endswith("s"):  # order ids: "<316s" would be one string, not three
+            w = column.width
+            values.append(tuple(data[i : i + w] for i in range(0, count * w, w)))
+        else:
+            values.append(struct.unpack("<%d%s" % (count, column.code), data))
+    return values
+
+
+def last_trades(data_path: str, key: TableKey, n: int, names=("id", "time", "nanos")) -> list[tuple]:
+    """The ``names`` columns of up to the last ``n`` whole rows of a TRADES table, as rows, oldest first."""
+    rows = whole_rows(data_path, key)
+    take = min(rows, n)
+    if take == 0:
+        return []
+    return list(zip(*read_columns(data_path, key, names, rows - take, rows)))
 
 
 class TableFiles:

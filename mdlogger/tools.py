@@ -9,7 +9,8 @@ import websocket
 
 from . import records as rec
 from .exchanges import adapter_for
-from .exchanges.base import Refused, Sink, SymbolInfo
+from .exchanges.base import Sink, SymbolInfo
+from .frames import OPCODE_BINARY, OPCODE_TEXT, deliver
 from .rest import RestClient
 from .settings import ExchangeSettings
 
@@ -92,13 +93,13 @@ def test_feed(xs: ExchangeSettings, symbols: list[SymbolInfo], want: int, timeou
         ws.settimeout(0.5)
         while len(sink.rows) < want and time.monotonic() < deadline and not sink.errors:
             try:
-                data = ws.recv()
+                opcode, data = ws.recv_data()  # whole messages; pings answered by websocket-client
             except websocket.WebSocketTimeoutException:
                 continue
-            try:
-                session.on_message(data.encode() if isinstance(data, str) else data, time.time_ns())
-            except Refused as exc:
-                sink.refuse(exc.reason, data)
+            if opcode == OPCODE_TEXT:
+                deliver(session, sink, data, adapter.max_frame_bytes, time.time_ns())  # as the worker does
+            elif opcode == OPCODE_BINARY:
+                sink.refuse("binary", data[:64])
     except (websocket.WebSocketException, OSError) as exc:
         out.write("FAILED: connection lost: %s\n" % exc)
         return 1

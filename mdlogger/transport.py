@@ -24,10 +24,17 @@ Frame layout (little-endian)::
 
     magic  4s   b"MDL\\x01"
     kind   u8   1 = MD, 2 = TRADES, 3 = snapshot trades, 4 = resume markers (records.KIND_*)
-    exch   u8   records.EXCHANGE_CODES
+    -      u8   reserved: written 0, ignored
     count  u16  number of records
     crc    u32  zlib.crc32 of the records
     records     count * records.WIRE[kind].size bytes
+
+A frame does not name its exchange: a pipe belongs to one worker slot, and the
+writer learns each slot's exchange from the supervisor's ``add`` message that
+hands it the pipe. The byte that once carried an exchange code is kept,
+reserved, so the header stays 12 bytes and the batch sizes (48 trades, 78
+tickers) and the magic stay what they were; frames in a pipe are only ever
+read by the writer of the same installation, so nothing else depends on it.
 """
 
 from __future__ import annotations
@@ -71,9 +78,9 @@ def pending_bytes(fd: int) -> int:
     return struct.unpack("i", buf)[0]
 
 
-def encode_frame(kind: int, exchange: int, records: bytes) -> bytes:
+def encode_frame(kind: int, records: bytes) -> bytes:
     count = len(records) // WIRE[kind].size
-    return HEADER.pack(MAGIC, kind, exchange, count, zlib.crc32(records)) + records
+    return HEADER.pack(MAGIC, kind, 0, count, zlib.crc32(records)) + records
 
 
 class FrameSender:
@@ -86,9 +93,8 @@ class FrameSender:
     dropped and counted in ``dropped_records``.
     """
 
-    def __init__(self, fd: int, exchange: int, max_buffer_bytes: int, batch_delay: float = 0.005):
+    def __init__(self, fd: int, max_buffer_bytes: int, batch_delay: float = 0.005):
         self.fd = fd
-        self.exchange = exchange
         self.max_buffer_bytes = max_buffer_bytes
         self.batch_delay = batch_delay
         os.set_blocking(fd, False)
@@ -198,7 +204,7 @@ class FrameSender:
     def _queue(self, kind: int, records: bytes, count: int) -> None:
         if not (self._ntrades or self._nmd or self._nsnap):
             self.seal_at = math.inf
-        frame = encode_frame(kind, self.exchange, records)
+        frame = encode_frame(kind, records)
         if kind == KIND_RESUME:
             count = 0  # markers, not records: they do not count as records sent or dropped
         if self.buffered_bytes + len(frame) > self.max_buffer_bytes:
@@ -285,8 +291,8 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def frames_ready(self) -> Iterator[tuple[int, int, bytes]]:
-        """Yield ``(kind, exchange, records)`` for every whole, valid frame."""
+    def frames_ready(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(kind, records)`` for every whole, valid frame."""
         buf = self._buf
         pos = 0
         end = len(buf)
@@ -298,7 +304,7 @@ class FrameReader:
                 self.corrupt_bytes += skip_to - pos
                 pos = skip_to
                 continue
-            _, kind, exchange, count, crc = HEADER.unpack_from(buf, pos)
+            _, kind, _reserved, count, crc = HEADER.unpack_from(buf, pos)
             wire = WIRE.get(kind)
             if wire is None or count == 0 or hsize + count * wire.size > FRAME_MAX:
                 self.corrupt_bytes += 1
@@ -314,5 +320,5 @@ class FrameReader:
                 continue
             pos = stop
             self.frames += 1
-            yield kind, exchange, records
+            yield kind, records
         del buf[:pos]

@@ -28,13 +28,12 @@ from itertools import compress, count, repeat
 from operator import add, eq, gt, lt, mul
 from typing import Mapping
 
+from .exchanges import ADAPTERS, exchange_names
 from .ledger import normalize_day, read_gaps
-from .records import COLUMNS, EXCHANGE_CODES, KIND_TRADES, TRADE_COLUMNS, day_index, day_string
+from .records import COLUMNS, KIND_TRADES, TRADE_COLUMNS, day_index, day_string
 from .seal import file_sha256, load_manifest, manifest_path
 from .storage import TableKey, column_path, iter_tables, last_trades, table_rows
 
-# Used when an adapter does not say (``ADAPTERS[x].history.consecutive_ids``).
-FALLBACK_CONSECUTIVE_IDS = {"binance": True, "coinbase": True, "okx": True, "bitfinex": False, "kraken": False}
 LEDGER_DAYS_BACK = 7  # a gap covering a jump may have started up to this many days earlier
 MAX_JUMP_LINES = 5  # uncovered id jumps reported one by one per table; the rest are counted
 _NS = 1_000_000_000
@@ -44,15 +43,8 @@ assert array("Q").itemsize == 8 and array("I").itemsize == 4
 
 
 def consecutive_ids_by_exchange() -> dict[str, bool]:
-    """Whether each exchange's trade ids are consecutive per symbol, as its adapter declares."""
-    from .exchanges import ADAPTERS
-
-    out = dict(FALLBACK_CONSECUTIVE_IDS)
-    for name, cls in ADAPTERS.items():
-        value = getattr(getattr(cls, "history", None), "consecutive_ids", None)
-        if isinstance(value, bool):
-            out[name] = value
-    return out
+    """Whether each registered exchange's trade ids are consecutive per symbol, as its adapter declares."""
+    return {name: bool(cls.history.consecutive_ids) for name, cls in sorted(ADAPTERS.items())}
 
 
 @dataclass
@@ -74,7 +66,7 @@ def check_day(data_path: str, day: str, consecutive_ids: Mapping[str, bool]) -> 
     by_exchange: dict[str, list[TableKey]] = defaultdict(list)
     for key in iter_tables(data_path, {day}):
         by_exchange[key.exchange].append(key)
-    for exchange in sorted(EXCHANGE_CODES):
+    for exchange in exchange_names():
         keys = by_exchange.get(exchange, [])
         mrel = os.path.relpath(manifest_path(data_path, exchange, day), data_path)
         manifest = None

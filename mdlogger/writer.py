@@ -46,13 +46,13 @@ from collections import OrderedDict
 from . import records as rec
 from . import seal
 from .backfill import Backfiller
-from .exchanges import ADAPTERS
+from .exchanges import adapter_class
 from .exchanges.base import SymbolInfo
 from .gaps import GapEngine
 from .ledger import Gap, GapLedger, read_gaps
 from .logs import configure_child
 from .settings import Settings
-from .stats import GAP_EXCHANGES, WRITER_FIELDS, Block, gap_field
+from .stats import Block, gap_field, writer_fields
 from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all
 from .transport import FrameReader
 
@@ -74,7 +74,7 @@ def writer_main(settings: Settings, control: socket.socket, stats_array, log_con
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drained on command, after the workers stop
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    stats = Block(WRITER_FIELDS, stats_array)
+    stats = Block(writer_fields(), stats_array)
     stats.set("pid", os.getpid())
     stats.set("started", time.time())
     stats.set("heartbeat", time.monotonic())
@@ -198,8 +198,8 @@ class Writer:
         held = 0
         for name, engine in self.engines.items():
             held += engine.held_rows()
-            if name not in GAP_EXCHANGES:
-                continue
+            if gap_field("gaps_detected", name) not in self.stats:
+                continue  # an exchange the block has no counters for
             c = engine.counts
             for field, value in (("gaps_detected", c["detected"]), ("gaps_filled", c["filled"]),
                                  ("gaps_empty", c["empty"]), ("gaps_unrecoverable", c["unrecoverable"]),
@@ -227,7 +227,7 @@ class Writer:
             msg = json.loads(data)
             op = msg["op"]
             if op == "add":
-                self.add_slot(msg["slot"], fds[0], msg.get("exchange"), msg.get("symbols", ()))
+                self.add_slot(msg["slot"], fds[0], msg["exchange"], msg.get("symbols", ()))
             elif op == "remove":
                 self.remove_slot(msg["slot"])
             elif op == "drain":
@@ -236,12 +236,12 @@ class Writer:
             else:
                 log.error("unknown control message %r", msg)
 
-    def add_slot(self, slot: int, fd: int, exchange: str | None = None, symbols=()) -> None:
+    def add_slot(self, slot: int, fd: int, exchange: str, symbols=()) -> None:
+        """Read a slot's pipe from now on. Its frames are the ``exchange``'s: a pipe carries one slot."""
         if slot in self.readers:
             self.remove_slot(slot)
-        if exchange:
-            self.slot_exchange[slot] = exchange
-            self.backfiller.know(exchange, [SymbolInfo(sym, name, *sym.split("-", 1)) for sym, name in symbols])
+        self.slot_exchange[slot] = exchange
+        self.backfiller.know(exchange, [SymbolInfo(sym, name, *sym.split("-", 1)) for sym, name in symbols])
         reader = FrameReader(fd)
         self.readers[slot] = reader
         self.selector.register(fd, selectors.EVENT_READ, slot)
@@ -259,20 +259,18 @@ class Writer:
         reader = reader or self.readers[slot]
         got = reader.fill()
         before = reader.corrupt_bytes
-        for kind, _exchange, records in reader.frames_ready():
-            self.take_frame(kind, _exchange, records)
+        exchange = self.slot_exchange[slot]
+        for kind, records in reader.frames_ready():
+            self.take_frame(kind, exchange, records)
         if reader.corrupt_bytes != before:
             self.stats.add("corrupt_bytes", reader.corrupt_bytes - before)
             log.warning("slot %d: skipped %d corrupt bytes while resyncing", slot, reader.corrupt_bytes - before)
         return got
 
     # -- rows ---------------------------------------------------------------
-    def take_frame(self, kind: int, exchange_code: int, records: bytes) -> None:
-        exchange = rec.EXCHANGE_NAMES.get(exchange_code)
+    def take_frame(self, kind: int, exchange: str, records: bytes) -> None:
+        """One frame of a slot whose exchange is ``exchange``."""
         wire = rec.WIRE[kind]
-        if exchange is None:
-            self.stats.add("refused_records", len(records) // wire.size)
-            return
         if kind == rec.KIND_MD:
             self._take_md(exchange, records)
             return
@@ -284,9 +282,8 @@ class Writer:
             bucket.append(row)
         engine = self.engine(exchange)
         for sym, rows in by_symbol.items():
-            symbol = sym.rstrip(b"\0")
-            if not rec.valid_symbol_bytes(symbol):
-                self.stats.add("refused_records", len(rows))
+            symbol = self._symbol(sym, len(rows))
+            if symbol is None:
                 continue
             if symbol != sym:
                 rows = [(symbol,) + row[1:] for row in rows]
@@ -304,12 +301,27 @@ class Writer:
                 bucket = groups[gk] = []
             bucket.append(row)
         for (sym, day_no), rows in groups.items():
-            symbol = sym.rstrip(b"\0")
-            if not rec.valid_symbol_bytes(symbol):
-                self.stats.add("refused_records", len(rows))
+            symbol = self._symbol(sym, len(rows))
+            if symbol is None:
                 continue
             self._pend(TableKey(exchange, symbol.decode("ascii"), rec.KIND_MD, rec.day_string(day_no * 86400)),
                        rows, rec.MD_WIRE.size)
+
+    def _symbol(self, field: bytes, rows: int):
+        """The symbol of a wire record's symbol field, or None (its ``rows`` counted as refused).
+
+        Symbols are validated where they enter (the adapters' discovery) and
+        frames are CRC-checked, so a worker's records always pass. The writer
+        checks once all the same, here, because the symbol is about to name a
+        directory: a frame that is well formed yet wrong (a worker bug, or a CRC
+        that matches by chance after a resync) costs its rows, counted, where
+        storage.table_dir's own guard would raise out of the writer's loop.
+        """
+        symbol = field.rstrip(b"\0")
+        if rec.valid_symbol_bytes(symbol):
+            return symbol
+        self.stats.add("refused_records", rows)
+        return None
 
     def _store_trades(self, exchange: str, symbol: bytes, rows: list) -> None:
         """Rows the gap engine let through, in order: into the table of each row's day."""
@@ -347,12 +359,10 @@ class Writer:
     def engine(self, exchange: str) -> GapEngine:
         engine = self.engines.get(exchange)
         if engine is None:
-            cls = ADAPTERS.get(exchange)
-            spec = getattr(cls, "history", None)
             xs = self.settings.exchange(exchange)
             engine = self.engines[exchange] = GapEngine(
                 exchange,
-                consecutive_ids=bool(spec and spec.consecutive_ids),
+                consecutive_ids=adapter_class(exchange).history.consecutive_ids,
                 emit=lambda symbol, rows, x=exchange: self._store_trades(x, symbol, rows),
                 request=lambda og, x=exchange: self.backfiller.submit(x, og),
                 record=self._record_gap,

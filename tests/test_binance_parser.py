@@ -12,7 +12,8 @@ from mdlogger.settings import load_settings
 
 from captures_util import received_frames, rest_body
 
-# Real messages (docs/exchange-protocols.md): BSD's trade, TN's 24h ticker.
+# docs/PROTOCOLS.md, "Binance: WebSocket streams": Binance's documented trade example and a recorded
+# 24h ticker (published in tardis-node's tests).
 REAL_TRADE = '{"stream":"bnbbtc@trade","data":{"e":"trade","E":1672515782136,"s":"BNBBTC","t":12345,"p":"0.001","q":"100","T":1672515782136,"m":true,"M":true}}'
 REAL_TICKER = '{"stream":"dogebnb@ticker","data":{"e":"24hrTicker","E":1569805259092,"s":"DOGEBNB","c":"0.00014360","Q":"51135.00000000","b":"0.00014365","B":"7080.00000000","a":"0.00014498","A":"275033.00000000","o":"0.00014069","h":"0.00014550","l":"0.00013851","v":"20014582.00000000","n":514}}'
 
@@ -186,7 +187,7 @@ def test_fast_path_packs_exactly_what_the_careful_path_does(adapter, monkeypatch
 
     monkeypatch.setattr(base, "MAX_PAST_SECS", 2 * 86400)
     r, w = os.pipe()
-    sender = FrameSender(w, rec.EXCHANGE_CODES["binance"], 1 << 20)
+    sender = FrameSender(w, 1 << 20)
     sink = WorkerSink(sender, Block(WORKER_FIELDS), "binance#0")
     fast = adapter.new_session([SymbolInfo("BNB-BTC", "BNBBTC", "BNB", "BTC")], sink)
     slow, slow_sink = session_for(adapter, [("BNB-BTC", "BNBBTC")])
@@ -199,7 +200,7 @@ def test_fast_path_packs_exactly_what_the_careful_path_does(adapter, monkeypatch
     sender.seal()
     reader = FrameReader(r)
     reader.fill()
-    rows = [row for _, _, recs in reader.frames_ready() for row in rec.TRADE_WIRE.iter_unpack(recs)]
+    rows = [row for _, recs in reader.frames_ready() for row in rec.TRADE_WIRE.iter_unpack(recs)]
     expected = [rec.TRADE_WIRE.unpack(rec.TRADE_WIRE.pack(*t, rec.ZERO_ID, rec.ZERO_ID)) for t in slow_sink.trades]
     assert rows == expected and len(rows) == 3
     assert sink.trades == 3

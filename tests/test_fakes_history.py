@@ -33,8 +33,8 @@ from mdlogger.fakes.okx import INSTRUMENTS, FakeOkx
 
 from service import wait_for
 
-EXCHANGES = ["binance", "coinbase", "okx", "bitfinex", "kraken"]
 SYMBOL = {"binance": "BTC-USDT", "coinbase": "BTC-USD", "okx": "BTC-USDT", "bitfinex": "BTC-USD", "kraken": "BTC-USD"}
+EXCHANGES = sorted(SYMBOL)  # the fakes this module has expectations for (each found by fake_class)
 SNAPSHOT_SIZE = {"binance": 0, "coinbase": 1, "okx": 1, "bitfinex": 30, "kraken": 50}
 
 

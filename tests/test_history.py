@@ -92,7 +92,7 @@ def quick(name: str, pause: float = 0.05):
 
 def client_for(adapter, bucket, handler, **kw):
     session = Script(handler)
-    return HistoryClient(adapter.name, bucket, session=session, adapter=adapter, **kw), session
+    return HistoryClient(adapter, bucket, session=session, **kw), session
 
 
 def ms(ms_: int) -> tuple[int, int]:
@@ -505,16 +505,9 @@ def test_a_deadline_during_paging_keeps_the_rows_fetched(bucket):
 
 # -- against the loopback fakes (mdlogger/fakes) ----------------------------------------------------------
 
-from mdlogger.exchanges import adapter_for  # noqa: E402
-from mdlogger.fakes.binance import FakeBinance  # noqa: E402
-from mdlogger.fakes.bitfinex import FakeBitfinex  # noqa: E402
-from mdlogger.fakes.coinbase import FakeCoinbase  # noqa: E402
-from mdlogger.fakes.kraken import FakeKraken  # noqa: E402
-from mdlogger.fakes.okx import FakeOkx  # noqa: E402
+from mdlogger.exchanges import adapter_for, fake_class  # noqa: E402
 from mdlogger.settings import load_settings  # noqa: E402
 
-FAKES = {"binance": FakeBinance, "coinbase": FakeCoinbase, "okx": FakeOkx, "bitfinex": FakeBitfinex,
-         "kraken": FakeKraken}
 FAKE_INFOS = {
     "binance": SymbolInfo("BTC-USDT", "BTCUSDT", "BTC", "USDT"),
     "coinbase": SymbolInfo("BTC-USD", "BTC-USD", "BTC", "USD"),
@@ -568,19 +561,19 @@ def make_history(fake, symbol: str, n: int, step_ns: int, per_instant: int = 1) 
 
 
 def started(name: str, **kw):
-    return FAKES[name](symbols=[FAKE_INFOS[name].symbol], mode="script", **kw).start()
+    return fake_class(name)(symbols=[FAKE_INFOS[name].symbol], mode="script", **kw).start()
 
 
 STEP_NS = {"binance": 10**6, "coinbase": 1000, "okx": 10**6, "bitfinex": 10**6, "kraken": 10**6}
 PER_INSTANT = {"binance": 2, "coinbase": 1, "okx": 3, "bitfinex": 3, "kraken": 1}
 
 
-@pytest.mark.parametrize("name", sorted(FAKES))
+@pytest.mark.parametrize("name", sorted(FAKE_INFOS))
 def test_exact_windows_against_the_fakes(name, bucket):
     with started(name, **({"rest_rate": 1000.0, "rest_burst": 1000} if name in ("coinbase", "kraken") else {})) as fake:
         made = make_history(fake, FAKE_INFOS[name].symbol, 450, STEP_NS[name], PER_INSTANT[name])
         ad = fake_adapter(name, fake)
-        with HistoryClient(name, bucket, adapter=ad) as client:
+        with HistoryClient(ad, bucket) as client:
             rows = ad.fetch_history(client, FAKE_INFOS[name], edge(name, made[37]), edge(name, made[411]),
                                     time.monotonic() + 60)
         window = made[37:412] if name == "kraken" else made[38:411]  # Kraken: by time, both edges included
@@ -598,7 +591,7 @@ def test_binance_429_is_honoured_and_never_becomes_418(bucket):
     with started("binance", weight_limit=100, weight_window=3.0) as fake:  # 4 history calls in 3 s
         made = make_history(fake, "BTC-USDT", 700, 10**6)
         ad = fake_adapter("binance", fake)
-        with HistoryClient("binance", bucket, adapter=ad) as client:
+        with HistoryClient(ad, bucket) as client:
             rows = ad.fetch_history(client, FAKE_INFOS["binance"], edge("binance", made[0]),
                                     edge("binance", made[-1]), time.monotonic() + 60)
         assert [r[1] for r in rows] == [fake.trade_key(e) for e in made[1:-1]]
@@ -617,7 +610,7 @@ def test_429_pauses_every_request_until_the_block_ends(name, limits, pause, buck
     with started(name, **limits) as fake:
         made = make_history(fake, FAKE_INFOS[name].symbol, 400, STEP_NS[name], PER_INSTANT[name])
         ad = fake_adapter(name, fake, pause=pause)
-        with HistoryClient(name, bucket, adapter=ad) as client:
+        with HistoryClient(ad, bucket) as client:
             rows = ad.fetch_history(client, FAKE_INFOS[name], edge(name, made[0]), edge(name, made[-1]),
                                     time.monotonic() + 60)
         assert rows == [expected_row(name, e) for e in made[1:-1]]
@@ -632,7 +625,7 @@ def test_kraken_too_many_requests_under_http_200_pauses(bucket):
         made = make_history(fake, "BTC-USD", 150, 10**6)
         fake.rest_failures = 1  # the first request is answered {"error":["EGeneral:Too many requests"]}
         ad = fake_adapter("kraken", fake, pause=0.3)
-        with HistoryClient("kraken", bucket, adapter=ad) as client:
+        with HistoryClient(ad, bucket) as client:
             rows = ad.fetch_history(client, FAKE_INFOS["kraken"], edge("kraken", made[0]), edge("kraken", made[-1]),
                                     time.monotonic() + 60)
         assert rows == [expected_row("kraken", e) for e in made]
@@ -649,7 +642,7 @@ def test_kraken_too_many_requests_under_http_200_pauses(bucket):
 def test_an_unknown_symbol_is_an_error_at_once(name, unknown, bucket):
     with started(name) as fake:
         ad = fake_adapter(name, fake)
-        with HistoryClient(name, bucket, adapter=ad) as client:
+        with HistoryClient(ad, bucket) as client:
             now = int(time.time()) - 60
             with pytest.raises(HistoryError):
                 ad.fetch_history(client, unknown, (10, now, 0), (2000, now + 1, 0), time.monotonic() + 60)

@@ -16,7 +16,7 @@ from mdlogger.cli import main
 from mdlogger.ledger import Gap, GapLedger, iso_nanos, ledger_path, read_gaps
 from mdlogger.seal import days_to_seal, is_sealed, manifest_path, seal_day
 from mdlogger.storage import TableFiles, TableKey, column_path, pack_column
-from mdlogger.verify import FALLBACK_CONSECUTIVE_IDS, verify_day
+from mdlogger.verify import consecutive_ids_by_exchange, verify_day
 
 DAY0 = 1795478400  # 2026-11-24T00:00:00Z
 DAY = "24.11.26"
@@ -24,6 +24,7 @@ DATE = "2026-11-24"
 MAKER = bytes(range(16))
 TAKER = bytes(range(16, 32))
 TRADES = rec.KIND_TRADES
+CONSECUTIVE = consecutive_ids_by_exchange()  # as the adapters declare: binance, coinbase, okx True
 
 
 def write_trades(root, exchange, symbol, rows, day=DAY):
@@ -249,7 +250,7 @@ def test_an_id_jump_needs_a_covering_gap_in_the_ledger(tmp_path):
     with GapLedger(root) as ledger:
         ledger.record(gap(symbol="ETH-USDT"))  # another symbol: does not count
         ledger.record(gap(from_id=5, to_id=8))  # does not reach id 9
-    assert len(verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS)) == 2
+    assert len(verify_day(root, DAY, CONSECUTIVE)) == 2
     with GapLedger(root) as ledger:
         ledger.record(gap(gap="covering", from_id=4, to_id=9, fate="unrecoverable", missing=3))
         ledger.record(gap(gap="okx", exchange="okx", from_id=2, to_id=5, fate="empty"))
@@ -264,14 +265,14 @@ def test_a_jump_from_the_previous_day_is_checked_and_a_gap_started_that_day_cove
     prev = rec.day_string(DAY0 - 86400)
     write_trades(tmp_path, "binance", "BTC-USDT", id_rows([1, 2, 3], start=DAY0 - 10), day=prev)
     write_trades(tmp_path, "binance", "BTC-USDT", id_rows([7, 8], start=DAY0 + 100))
-    assert verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS) == [
+    assert verify_day(root, DAY, CONSECUTIVE) == [
         "binance/BTC-USDT/TRADES/id.24.11.26.bin: ids 4..6 missing (3 ids, row 0 after the last row of 23.11.26)"
         " and no gap in the ledger covers them"
     ]
     with GapLedger(root) as ledger:
         ledger.record(gap(from_id=3, to_id=7, from_sec=DAY0 - 8, to_sec=DAY0 + 100))
     assert os.path.exists(ledger_path(root, "binance", prev))
-    assert verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS) == []
+    assert verify_day(root, DAY, CONSECUTIVE) == []
 
 
 def test_verify_finds_a_flipped_byte_in_a_sealed_day(tmp_path):
@@ -298,19 +299,19 @@ def test_verify_compares_the_files_of_a_sealed_day_with_its_manifest(tmp_path):
     md = TableKey("binance", "BTC-USDT", rec.KIND_MD, DAY)
     with open(column_path(root, md, rec.MD_COLUMNS[2]), "ab") as fh:  # grew after sealing
         fh.write(b"\0" * 4)
-    problems = verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS)
+    problems = verify_day(root, DAY, CONSECUTIVE)
     assert "binance/BTC-USDT/MD/price.24.11.26.bin: 12 bytes, binance/manifest.24.11.26.json says 8" in problems
     assert "binance/ETH-USDT/TRADES/id.24.11.26.bin: on disk but not in binance/manifest.24.11.26.json" in problems
     assert "binance/BTC-USDT/MD/time.24.11.26.bin: 2 rows; the table's longest column holds 3" in problems
     os.unlink(column_path(root, TableKey("binance", "BTC-USDT", TRADES, DAY), rec.TRADE_COLUMNS[7]))
-    problems = verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS)
+    problems = verify_day(root, DAY, CONSECUTIVE)
     assert ("binance/BTC-USDT/TRADES/taker_order_id.24.11.26.bin: listed in binance/manifest.24.11.26.json"
             " but not on disk") in problems
     assert ("binance/BTC-USDT/TRADES/taker_order_id.24.11.26.bin: missing (counts as 0 rows);"
             " the table's longest column holds 10") in problems
     with open(manifest_path(root, "binance", DAY), "w") as fh:
         fh.write('{"tables": [')
-    problems = verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS)
+    problems = verify_day(root, DAY, CONSECUTIVE)
     assert problems[0].startswith("binance/manifest.24.11.26.json: unreadable manifest: ")
 
 
@@ -344,7 +345,7 @@ def test_verify_orders_rows_without_ids_by_time(tmp_path):
     root = str(tmp_path)
     write_trades(tmp_path, "kraken", "BTC-USD", [(0, DAY0 + 5, 10), (0, DAY0 + 5, 10), (0, DAY0 + 5, 9), (0, DAY0 + 6, 0)])
     write_trades(tmp_path, "bitfinex", "BTC-USD", [(5, DAY0 + 5, 0), (0, DAY0 + 6, 0), (9, DAY0 + 7, 0)])
-    assert verify_day(root, DAY, FALLBACK_CONSECUTIVE_IDS) == [
+    assert verify_day(root, DAY, CONSECUTIVE) == [
         "bitfinex/BTC-USD/TRADES/id.24.11.26.bin: 1 rows with id 0 among rows with ids (first at row 1)",
         "bitfinex/BTC-USD/TRADES/id.24.11.26.bin: 1 rows out of order by id (first: row 1, id 0 after 5)",
         "kraken/BTC-USD/TRADES/time.24.11.26.bin: 1 rows out of order by time"

@@ -1,15 +1,14 @@
 """Gap and clock figures on /health, /metrics and the status page, and the clock sampler.
 
-Everything runs in process: a supervisor stand-in carries real stats blocks
-(the ones the workers and the writer fill in), so the documents are built by
-the same code as in the service.
+Everything runs in process: a ``ServiceView`` built here carries real stats
+blocks (the ones the workers and the writer fill in), so the documents are
+rendered by the same code as in the service.
 """
 
 from __future__ import annotations
 
 import re
 import time
-import types
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,9 +17,11 @@ from mdlogger import clock, statuspage
 from mdlogger.analytics import Analytics
 from mdlogger.clock import ClockSampler, clock_note, combine, quantile
 from mdlogger.exchanges.base import MAX_FUTURE_SECS, MAX_PAST_SECS
-from mdlogger.health import build_app, health_document
-from mdlogger.metrics import metrics_registry, render
+from mdlogger.health import health_document
+from mdlogger.metrics import render_metrics
 from mdlogger.stats import GAP_EXCHANGES, WORKER_FIELDS, WRITER_FIELDS, Block, Note, gap_field
+from mdlogger.view import ExchangeView, ServiceView, SlotView, WriterView
+from mdlogger.web import build_app
 
 NS = 1_000_000_000
 T0 = 1_760_000_000  # a fixed wall-clock second for the sampler tests
@@ -123,7 +124,7 @@ def test_note_for_a_clock_ahead():
     assert clock_note(30.0, 0, limit_past=40, limit_future=10) is not None  # limits are parameters
 
 
-# -- /health, /metrics and the page from a supervisor stand-in ----------------------------------
+# -- /health, /metrics and the page from a published view ----------------------------------------
 
 
 def worker_slot(exchange, shard, p50=0.0, p99=0.0, samples=0, bad_time=0):
@@ -135,25 +136,22 @@ def worker_slot(exchange, shard, p50=0.0, p99=0.0, samples=0, bad_time=0):
     stats.set("clock_offset_p99", p99)
     stats.set("clock_samples", samples)
     stats.set("drop_bad_time", bad_time)
-    return {"slot": "%s#%d" % (exchange, shard), "exchange": exchange, "shard": shard, "symbols": 1,
-            "symbol_names": ("BTC-USD",), "state": "running", "restarts": 0, "reason": "", "stats": stats,
-            "note": Note()}
+    return SlotView(slot=shard, exchange=exchange, shard=shard, symbol_names=("BTC-USD",), state="running",
+                    restarts=0, reason="", stats=stats, note=Note())
 
 
-def stand_in(slots, exchanges, writer_stats):
-    return types.SimpleNamespace(
-        settings=types.SimpleNamespace(logger=types.SimpleNamespace(stall_timeout_secs=10.0)),
-        started=time.time() - 60,
-        view={"slots": tuple(slots),
-              "exchanges": {x: {"state": "running", "error": "", "symbols": 1} for x in exchanges},
-              "writer": {"state": "running", "restarts": 0, "reason": "", "backlog_bytes": 0}},
-        writer_stats=writer_stats,
-        analytics=Analytics(60),
-    )
+def service_view(slots, exchanges, writer_stats):
+    return ServiceView(started=time.time() - 60, pid=4321, stall_timeout_secs=10.0, slots=tuple(slots),
+                       writer=WriterView("running", 0, "", 0, writer_stats),
+                       exchanges=tuple(ExchangeView(x, "running", "", 1, 0, ()) for x in exchanges))
+
+
+def app(view):
+    return build_app(lambda: view, Analytics(60)).test_client()
 
 
 @pytest.fixture
-def supervisor():
+def view():
     w = Block(WRITER_FIELDS)
     w.set("pid", 4242)
     w.set("held_rows", 17)
@@ -174,12 +172,12 @@ def supervisor():
         worker_slot("okx", 1, p50=-910.0, p99=-900.5, samples=400, bad_time=12),
         worker_slot("weird-x", 0),
     ]
-    return stand_in(slots, ["binance", "okx", "weird-x"], w)
+    return service_view(slots, ["binance", "okx", "weird-x"], w)
 
 
-def test_health_gaps_per_exchange(supervisor):
+def test_health_gaps_per_exchange(view):
     assert "weird-x" not in GAP_EXCHANGES  # an exchange the writer keeps no counters for
-    code, doc = health_document(supervisor)
+    code, doc = health_document(view, time.time())
     g = doc["exchanges"]["binance"]["gaps"]
     assert set(g) == {"detected", "filled", "empty", "unrecoverable", "pending", "trades_backfilled", "rest_calls",
                       "oldest_pending_gap_seconds"}
@@ -196,8 +194,8 @@ def test_health_gaps_per_exchange(supervisor):
     assert (w["held_rows"], w["sealed_days"], w["late_rows"]) == (17, 3, 2)
 
 
-def test_health_clock_per_exchange(supervisor):
-    _code, doc = health_document(supervisor)
+def test_health_clock_per_exchange(view):
+    _code, doc = health_document(view, time.time())
     c = doc["exchanges"]["binance"]["clock"]
     assert c == {"offset_p50_secs": 0.02, "offset_p99_secs": 0.2, "samples": 1000, "note": None}
     okx = doc["exchanges"]["okx"]["clock"]
@@ -212,8 +210,8 @@ def test_health_clock_per_exchange(supervisor):
     assert idle["clock"] == {"offset_p50_secs": None, "offset_p99_secs": None, "samples": 0}
 
 
-def test_health_endpoint_serves_it_as_json(supervisor):
-    resp = build_app(supervisor).test_client().get("/health")
+def test_health_endpoint_serves_it_as_json(view):
+    resp = app(view).get("/health")
     doc = resp.get_json()
     assert doc["exchanges"]["okx"]["clock"]["note"].startswith("the local clock is likely wrong")
     assert doc["exchanges"]["binance"]["gaps"]["trades_backfilled"] == 1234
@@ -227,8 +225,8 @@ def samples_of(text: str) -> dict:
     return out
 
 
-def test_metrics(supervisor):
-    text = render(metrics_registry(supervisor)).decode()
+def test_metrics(view):
+    text = render_metrics(view, time.time()).decode()
     m = samples_of(text)
     assert "# TYPE mdlogger_gaps_total counter" in text
     for fate, n in (("detected", 5), ("filled", 3), ("empty", 1), ("unrecoverable", 0)):
@@ -249,8 +247,8 @@ def test_metrics(supervisor):
     assert m[("mdlogger_late_rows_total", ())] == 2
 
 
-def test_status_page_shows_gaps_and_clock(supervisor):
-    page = build_app(supervisor).test_client().get("/").get_data(as_text=True)
+def test_status_page_shows_gaps_and_clock(view):
+    page = statuspage.status_page(view, time.time(), Analytics(60).report())
     assert '<table id="gaps">' in page
     row = page.split('<tr class="gaps" data-exchange="binance">', 1)[1].split("</tr>", 1)[0]
     cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
@@ -265,8 +263,8 @@ def test_status_page_shows_gaps_and_clock(supervisor):
 
 def test_status_page_escapes_the_gap_rows():
     evil = '<img src=x onerror="alert(1)">'
-    sup = stand_in([worker_slot(evil, 0, p50=-9999.0, p99=-9999.0, samples=5)], [evil], Block(WRITER_FIELDS))
-    page = build_app(sup).test_client().get("/").get_data(as_text=True)
+    view = service_view([worker_slot(evil, 0, p50=-9999.0, p99=-9999.0, samples=5)], [evil], Block(WRITER_FIELDS))
+    page = app(view).get("/").get_data(as_text=True)
     assert evil not in page and "<img" not in page
     assert '<tr class="gaps" data-exchange="&lt;img' in page
 

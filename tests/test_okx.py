@@ -17,7 +17,8 @@ from mdlogger.settings import load_settings
 
 from captures_util import received_frames, rest_body
 
-# Real messages (docs/exchange-protocols.md, OKX section).
+# Real messages (docs/PROTOCOLS.md, "OKX: WebSocket v5 public"): the recorded ticker, trade and ack;
+# the documented error and notice shapes.
 REAL_TICKER = '{"arg":{"channel":"tickers","instId":"BTC-USDT"},"data":[{"instType":"SPOT","instId":"BTC-USDT","last":"30236","lastSz":"0.0002","askPx":"30228.7","askSz":"1.55896972","bidPx":"30228.6","bidSz":"0.23393","open24h":"29700.4","high24h":"31073","low24h":"28020.3","vol24h":"17602.13085371","ts":"1652459224956"}]}'
 REAL_TRADE = '{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","tradeId":"338476307","px":"30236","sz":"0.0002","side":"buy","ts":"1652459224818"}]}'
 REAL_ACK = '{"event":"subscribe","arg":{"channel":"tickers","instId":"BTC-USDT"}}'
@@ -453,3 +454,206 @@ def test_fake_steady_frames_end_to_end(adapter):
 def test_adapter_limits_and_keepalive_constants(adapter):
     assert adapter.connect_rate <= 3.0 and adapter.send_rate <= 480 / 3600 * 10
     assert okx.PING_AFTER_SECS < 30
+
+
+# -- merged fills ---------------------------------------------------------------------------------------------
+def merged_frame(count=None, **fields):
+    msg = fresh_trade()
+    if count is not None:
+        msg["data"][0]["count"] = count
+    msg["data"][0].update(fields)
+    return msg
+
+
+@pytest.mark.parametrize("count", ["2", "3", 17, "0100"])
+def test_a_row_of_merged_fills_is_refused_as_merged(adapter, count):
+    session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+    with pytest.raises(Refused) as info:
+        session.on_message(orjson.dumps(merged_frame(count)), 0)
+    assert info.value.reason == "merged" and "338476307" in info.value.detail
+    assert sink.trades == []
+
+
+def test_merged_rows_go_but_the_single_fills_of_the_frame_stay(adapter):
+    session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+    msg = merged_frame("1")
+    row = msg["data"][0]
+    msg["data"] += [dict(row, tradeId="338476310", count="3", sz="0.9"), dict(row, tradeId="338476311"),
+                    dict(row, tradeId="338476313", count=2)]
+    with pytest.raises(Refused) as info:
+        session.on_message(orjson.dumps(msg), 0)
+    assert info.value.reason == "merged"
+    assert [t[1] for t in sink.trades] == [338476307, 338476311]
+
+
+@pytest.mark.parametrize("count", ["1", 1, None])
+def test_one_fill_is_stored_with_or_without_count_and_seqid_is_ignored(adapter, count):
+    session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+    msg = merged_frame(count, seqId=123456789)
+    session.on_message(orjson.dumps(msg), 0)
+    d = msg["data"][0]
+    sec, nanos = rec.from_millis(d["ts"])
+    assert sink.trades == [(b"BTC-USDT", 338476307, sec, nanos, 30236.0, 0.0002, rec.SIDE_BUY, True)]
+
+
+@pytest.mark.parametrize("count", ["0", 0, "-2", -1, "", "abc", "2.0", 2.0, " 2", "\u0663", True, False, [2],
+                                   {"n": 2}, "null"])
+def test_a_count_that_is_not_a_positive_integer_is_refused(adapter, count):
+    session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+    with pytest.raises(Refused) as info:
+        session.on_message(orjson.dumps(merged_frame(count)), 0)
+    assert info.value.reason == "missing_field" and sink.trades == []
+
+
+def test_a_null_count_is_refused(adapter):
+    session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+    msg = fresh_trade()
+    msg["data"][0]["count"] = None
+    with pytest.raises(Refused) as info:
+        session.on_message(orjson.dumps(msg), 0)
+    assert info.value.reason == "missing_field" and sink.trades == []
+
+
+def test_merged_is_a_drop_reason():
+    from mdlogger.stats import DROP_REASONS, WORKER_FIELDS
+
+    assert "merged" in DROP_REASONS and "drop_merged" in WORKER_FIELDS
+
+
+def test_fake_push_merged_sends_one_row_and_keeps_the_fills(adapter):
+    import requests
+
+    with FakeOkx(symbols=["BTC-USDT"], mode="script") as fake:
+        fake.push_trade("BTC-USDT")  # nobody listens yet
+        ws = connect(fake)
+        ws.send('{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"}]}')
+        recv_json(ws, lambda d: d.get("event") == "subscribe")
+        recv_json(ws, lambda d: True)  # the snapshot: the latest (plain) trade
+        row = fake.push_merged("BTC-USDT", 3)
+        frame = recv_json(ws, lambda d: True)
+        made = fake.made_trades("BTC-USDT")
+        fills = made[-3:]
+        assert frame["data"] == [row] and fake.sent_merged == [row] and fake.sent_trades == []
+        assert [int(f["tradeId"]) for f in fills] == list(range(int(made[0]["tradeId"]) + 1,
+                                                                 int(made[0]["tradeId"]) + 4))
+        assert set(row) == {"instId", "tradeId", "px", "sz", "side", "ts", "count"} and row["count"] == "3"
+        assert (row["instId"], row["tradeId"], row["px"]) == ("BTC-USDT", fills[-1]["tradeId"], fills[-1]["px"])
+        assert math.isclose(float(row["sz"]), sum(float(f["sz"]) for f in fills), rel_tol=1e-9)
+        assert {f["ts"] for f in fills} == {row["ts"]} and {f["side"] for f in fills} == {row["side"]}
+        assert len({f["sz"] for f in fills} | {row["sz"]}) > 1
+        assert not any(fake.delivered("BTC-USDT", f) for f in fills)
+        # REST history lists the fills one by one
+        doc = requests.get(fake.url_http + "/api/v5/market/history-trades",
+                           params={"instId": "BTC-USDT", "after": int(row["tradeId"]) + 1}, timeout=3).json()
+        assert [d["tradeId"] for d in doc["data"][:3]] == [f["tradeId"] for f in reversed(fills)]
+        assert all("count" not in d for d in doc["data"])
+        # a new subscriber gets the merged row as the latest trade, refused by the adapter
+        again = connect(fake)
+        again.send('{"op":"subscribe","args":[{"channel":"trades","instId":"BTC-USDT"}]}')
+        recv_json(again, lambda d: d.get("event") == "subscribe")
+        snap = recv_json(again, lambda d: True)
+        assert snap["data"] == [row]
+        session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
+        with pytest.raises(Refused) as info:
+            session.on_message(json.dumps(snap).encode(), time.time_ns())
+        assert info.value.reason == "merged" and sink.trades == []
+        ws.close()
+        again.close()
+
+
+def test_fake_steady_merges_fills_with_merge_prob(adapter):
+    """Every frame of a steady fake with merge_prob: merged rows refused, the others stored, each as made."""
+    with FakeOkx(symbols=["BTC-USDT", "ETH-BTC"], mode="steady", rate=200, merge_prob=0.4) as fake:
+        syms = [s for s in adapter.discover(FakeRest(fake.instruments({"instType": "SPOT"})[1])) if s.active]
+        sink = ListSink()
+        session = adapter.new_session(syms, sink)
+        ws = connect(fake)
+        for text in adapter.subscribe_messages(syms):
+            ws.send(text)
+        ws.settimeout(3)
+        rows, refused = [], []
+        while sum(1 for r in rows if "count" in r) < 20 or len(sink.trades) < 20:
+            text = ws.recv()
+            doc = json.loads(text)
+            if "data" in doc and doc["arg"]["channel"] == "trades":
+                rows += doc["data"]
+            try:
+                session.on_message(text.encode(), time.time_ns())
+            except Refused as exc:
+                refused.append(exc.reason)
+        ws.close()
+        made = {(inst, int(e["tradeId"])): e for inst in fake.symbols for e in fake.made_trades(inst)}
+    merged = [r for r in rows if "count" in r]
+    assert set(refused) == {"merged"} and len(refused) == len(merged)
+    assert all("count" not in made[k] for k in made)
+    for r in merged:
+        n, last = int(r["count"]), int(r["tradeId"])
+        assert n in (2, 3)
+        fills = [made[(r["instId"], i)] for i in range(last - n + 1, last + 1)]
+        assert r["px"] == fills[-1]["px"] and r["ts"] == fills[0]["ts"] == fills[-1]["ts"]
+        assert {f["side"] for f in fills} == {r["side"]}
+        assert math.isclose(float(r["sz"]), sum(float(f["sz"]) for f in fills), rel_tol=1e-9)
+    plain = [r for r in rows if "count" not in r]
+    assert [(t[0].decode(), t[1]) for t in sink.trades] == [(r["instId"], int(r["tradeId"])) for r in plain]
+    # the rows sent cover the made ids without a hole or an overlap (per instrument)
+    for inst in fake.symbols:
+        ids = []
+        for r in rows:
+            if r["instId"] == inst:
+                last = int(r["tradeId"])
+                ids += range(last - int(r.get("count", 1)) + 1, last + 1)
+        assert ids == list(range(ids[0], ids[0] + len(ids)))  # the subscribe snapshot included
+
+
+@pytest.mark.slow
+def test_merged_fills_reach_disk_fill_by_fill_through_the_service(tmp_path):
+    """The real service against a fake that merges fills: every fill on disk exactly once, in order, as made."""
+    import os
+
+    from mdlogger.ledger import read_gaps
+    from mdlogger.reader import read_rows
+    from service import Service, fast_logger, wait_for
+    from test_all_exchanges import exchange_config, okx_trade
+    from test_service import today
+
+    symbols = ["BTC-USDT", "ETH-USDT"]
+    fake = FakeOkx(symbols=symbols, mode="steady", rate=5.0, merge_prob=0.3, seed=7).start()
+    data = os.path.join(str(tmp_path), "data")
+    config = {"logger": fast_logger(data, flush_interval_secs=0.05),
+              "exchanges": {"okx": dict(exchange_config("okx", fake, backfill_hold_secs=40.0), symbols=symbols)}}
+    svc = Service(tmp_path, config)
+
+    def stored(sym):
+        try:
+            return read_rows(data, "okx", sym, "TRADES", today())
+        except OSError:
+            return []
+
+    def settled():
+        if sum(x["gaps"]["pending"] for x in svc.health()[1]["exchanges"].values()):
+            return None
+        got = {sym: stored(sym) for sym in symbols}
+        return got if all(len(rows) >= 60 for rows in got.values()) else None
+
+    try:
+        svc.wait_all_connected(1, timeout=60)
+        got = wait_for(settled, timeout=90, what="60 trades per symbol stored and no gap pending")
+        refused = svc.health()[1]["exchanges"]["okx"]["refused_by_reason"]
+        assert svc.stop() == 0
+    finally:
+        svc.ensure_dead()
+        fake.stop()
+    assert refused.get("merged", 0) > 0 and set(refused) == {"merged"}, refused
+    for sym in symbols:
+        made = [okx_trade(e) for e in fake.made_trades(sym)]
+        rows = got[sym]
+        start = next((i for i, m in enumerate(made) if m == rows[0]), None)
+        assert start is not None, "%s: the first row stored %r was never made" % (sym, rows[0])
+        assert rows == made[start:start + len(rows)], sym
+        # the test is only worth something if merged rows were sent inside the stored span
+        inside = [r for r in fake.sent_merged if r["instId"] == sym and rows[0][0] < int(r["tradeId"]) <= rows[-1][0]]
+        assert inside, sym
+    # every gap before the last row stored is an id jump, filled from REST (later ones may be cut by the stop)
+    gaps = [g for g in read_gaps(data, "okx", rec.date_to_day_string(today())) if g["to_id"] <= got[g["symbol"]][-1][0]]
+    assert gaps and all(g["why"] == "id_jump" and g["fate"] == "filled" and not g["missing"] for g in gaps), gaps
+    assert not fake.violations

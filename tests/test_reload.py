@@ -11,13 +11,14 @@ import pytest
 import yaml
 
 from mdlogger.backoff import Backoff
-from mdlogger.exchanges.base import SymbolInfo, reshard, split_shards
+from mdlogger.child import ProcessState, State
+from mdlogger.exchanges.base import SymbolInfo
 from mdlogger.fakes.binance import FakeBinance
 from mdlogger.fakes.coinbase import FakeCoinbase
+from mdlogger.planning import reshard, split_shards
 from mdlogger.reader import read_rows
 from mdlogger.reload import plan_reload
 from mdlogger.settings import load_settings
-from mdlogger.supervisor import RETIRED, RETIRING, RUNNING, ProcessState
 
 from service import Service, binance_section, fast_logger, wait_for
 from test_service import assert_tables_whole, expected_trade_row, today
@@ -152,14 +153,14 @@ def test_a_retired_process_is_never_started_again():
     m = ProcessState("t", Backoff(1.0, 8.0, random.Random(1)))
     m.on_started(0.0)
     m.on_tick(2.0, healthy_run=10)
-    assert m.state == RUNNING
-    m.retire(alive=True)
-    assert m.state == RETIRING and not m.due(1e9)
+    assert m.state is State.RUNNING
+    m.retire()
+    assert m.state is State.RETIRING and not m.due(1e9)
     assert m.on_exit(0, 3.0) == float("inf")
-    assert m.state == RETIRED and not m.due(1e9) and m.restarts == 0
+    assert m.state is State.RETIRED and not m.due(1e9) and m.restarts == 0
     idle = ProcessState("u", Backoff(1.0, 8.0, random.Random(1)))
-    idle.retire(alive=False)
-    assert idle.state == RETIRED and not idle.due(1e9)
+    idle.retire()
+    assert idle.state is State.RETIRED and not idle.due(1e9)
 
 
 # -- the real service ----------------------------------------------------------------------------

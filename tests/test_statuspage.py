@@ -3,8 +3,8 @@
 The main test runs the real service against loopback fake exchanges and looks
 at the page in headless Chromium, as a person would: the text on screen, the
 colours, and that it keeps itself up to date without a reload. The others
-check escaping and formatting on a page rendered from a small in-process
-supervisor stand-in.
+check escaping and formatting on pages rendered from a ``ServiceView`` built
+here, from real counter blocks, as the supervisor publishes it.
 """
 
 from __future__ import annotations
@@ -13,38 +13,33 @@ import json
 import os
 import re
 import time
-import types
 import urllib.request
 
 import pytest
 
 from mdlogger import statuspage
 from mdlogger.analytics import Analytics
-from mdlogger.health import build_app
 from mdlogger.stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
+from mdlogger.view import ExchangeView, ServiceView, SlotView, WriterView
+from mdlogger.web import build_app
 
 from browser import Chromium, find_chromium
 from service import Service, binance_section, fast_logger
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# -- a supervisor stand-in: what health_document and the page read -----------------------
+# -- a published view, as the supervisor builds it -------------------------------------------
 
 
-def fake_supervisor(slots=(), exchanges=None, analytics=None):
+def service_view(slots=(), exchanges=(), now=None):
+    now = time.time() if now is None else now
     writer_stats = Block(WRITER_FIELDS)
     writer_stats.set("pid", 4242)
     writer_stats.set("rows", 1234567)
     writer_stats.set("bytes_written", 3 * 1024 * 1024)
-    writer_stats.set("last_flush", time.time() - 0.5)
-    return types.SimpleNamespace(
-        settings=types.SimpleNamespace(logger=types.SimpleNamespace(stall_timeout_secs=10.0)),
-        started=time.time() - 3725,
-        view={"slots": tuple(slots), "exchanges": exchanges or {},
-              "writer": {"state": "running", "restarts": 0, "reason": "", "backlog_bytes": 0}},
-        writer_stats=writer_stats,
-        analytics=analytics or Analytics(60),
-    )
+    writer_stats.set("last_flush", now - 0.5)
+    return ServiceView(started=now - 3725, pid=4321, stall_timeout_secs=10.0, slots=tuple(slots),
+                       writer=WriterView("running", 0, "", 0, writer_stats), exchanges=tuple(exchanges))
 
 
 def slot(exchange, shard, symbols, state="running", connected=True, note=""):
@@ -56,21 +51,21 @@ def slot(exchange, shard, symbols, state="running", connected=True, note=""):
     stats.set("reconnects", 2)
     n = Note()
     n.set(note)
-    return {"slot": shard, "exchange": exchange, "shard": shard, "symbols": symbols, "state": state,
-            "restarts": 1, "reason": "", "stats": stats, "note": n}
+    names = tuple("S%d-X" % i for i in range(symbols))
+    return SlotView(slot=shard, exchange=exchange, shard=shard, symbol_names=names, state=state, restarts=1,
+                    reason="", stats=stats, note=n)
 
 
-def get_page(supervisor):
-    client = build_app(supervisor).test_client()
-    return client.get("/")
+def exchange(name, symbols, state="running", error=""):
+    return ExchangeView(name=name, state=state, error=error, symbols=symbols, uncovered_symbols=0,
+                        refused_symbols=())
 
 
 def test_page_headers_and_structure():
-    sup = fake_supervisor([slot("okx", 0, 4, connected=False), slot("binance", 1, 1, state="backoff", connected=False),
-                           slot("binance", 0, 2)],
-                          {"binance": {"state": "running", "error": "", "symbols": 3},
-                           "okx": {"state": "running", "error": "", "symbols": 4}})
-    resp = get_page(sup)
+    view = service_view([slot("okx", 0, 4, connected=False), slot("binance", 1, 1, state="backoff", connected=False),
+                         slot("binance", 0, 2)],
+                        [exchange("binance", 3), exchange("okx", 4)])
+    resp = build_app(lambda: view, Analytics(60)).test_client().get("/")
     assert resp.status_code == 200
     assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
     assert resp.headers["Cache-Control"] == "no-store"
@@ -98,11 +93,9 @@ def test_every_dynamic_string_is_escaped():
     now = time.time()
     t = int(now) - 60  # the last complete interval
     engine.add("x&y", evil, [(t, 0, 87012.345, 0.5, 1), (t, 0, 87013.0, 0.25, 2)])
-    sup = fake_supervisor([slot("x&y", 0, 2, note=evil)],
-                          {"x&y": {"state": "running", "error": "", "symbols": 2},
-                           "kraken": {"state": "fatal", "error": evil, "symbols": 0}},
-                          analytics=engine)
-    page = get_page(sup).get_data(as_text=True)
+    view = service_view([slot("x&y", 0, 2, note=evil)],
+                        [exchange("x&y", 2), exchange("kraken", 0, state="fatal", error=evil)], now=now)
+    page = statuspage.status_page(view, now, engine.report(now))
     assert evil not in page and "<img" not in page
     assert html_escaped(evil) in page
     assert 'data-exchange="x&amp;y"' in page and ">x&amp;y<" in page
@@ -258,7 +251,7 @@ def test_status_page_in_a_browser(tmp_path, chromium_path, fakes):
                 ("binance", "0"), ("binance", "1"), ("coinbase", "0")}
             for s in seen["shards"]:
                 assert s["cells"][0] == s["exchange"] and s["cells"][0] in text
-                assert number(s["cells"][RATE]) >= 0
+                assert re.fullmatch(r"\d+\.\d", s["cells"][RATE])  # a rate (msgs/s), not a dash
             assert sorted(s["cells"][2] for s in seen["shards"]) == ["1", "2", "2"]
             names = sorted(n for s in seen["shards"] for n in s["cells"][NAMES].split(", "))
             assert names == sorted(BINANCE_SYMBOLS + COINBASE_SYMBOLS)

@@ -7,7 +7,8 @@ import pytest
 
 from mdlogger import records as rec
 from mdlogger.reader import dump_csv, open_table, read_rows
-from mdlogger.storage import TableFiles, TableKey, column_path, repair_all, repair_table, table_rows
+from mdlogger.storage import (TableFiles, TableKey, column_path, last_trades, pack_column, read_columns, repair_all,
+                              repair_table, table_rows)
 
 
 def test_paths_follow_the_contract(tmp_path):
@@ -86,3 +87,31 @@ def test_dump_csv(tmp_path, capsys):
         "time,nanos,price,volume,side,best_bid,best_ask",
         "1795478400,7,1.5,nan,2,1.0,2.0",
     ]
+
+
+def write_trades(tmp_path, n):
+    key = TableKey("binance", "BTC-USDT", rec.KIND_TRADES, "24.11.26")
+    rows = [(100 + i, 1795478400 + i, i, 10.5 + i, 0.25, 1 + i % 2, bytes([i]) * 16, rec.ZERO_ID) for i in range(n)]
+    files = TableFiles(str(tmp_path), key)
+    files.append([pack_column(c, v) for c, v in zip(rec.TRADE_COLUMNS, zip(*rows))], n)
+    files.close()
+    return key, rows
+
+
+def test_one_column_reader_for_storage_reader_and_analytics(tmp_path):
+    key, rows = write_trades(tmp_path, 6)
+    ids, makers = read_columns(str(tmp_path), key, ("id", "maker_order_id"), 2, 5)
+    assert ids == (102, 103, 104) and makers == (b"\2" * 16, b"\3" * 16, b"\4" * 16)
+    assert read_columns(str(tmp_path), key, ("price",), 6, 6) == [()]
+    assert read_rows(str(tmp_path), "binance", "BTC-USDT", "TRADES", "24.11.26") == rows
+    with open_table(str(tmp_path), "binance", "BTC-USDT", "TRADES", "24.11.26", numpy=False) as t:
+        assert [tuple(t[c.name][i] for c in rec.TRADE_COLUMNS) for i in range(t.rows)] == rows  # the mapped view agrees
+    assert last_trades(str(tmp_path), key, 2) == [(104, 1795478404, 4), (105, 1795478405, 5)]
+    assert last_trades(str(tmp_path), key, 10, ("side",)) == [(r[5],) for r in rows]
+
+
+def test_read_rows_of_a_missing_table_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such column file"):
+        read_rows(str(tmp_path), "binance", "BTC-USDT", "TRADES", "24.11.26")
+    with pytest.raises(ValueError):
+        read_rows(str(tmp_path), "binance", "BTC-USDT", "BOOK", "24.11.26")

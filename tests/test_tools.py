@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import yaml
 
+from mdlogger.exchanges import fake_class, fake_names
 from mdlogger.fakes.binance import FakeBinance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,6 @@ def test_demo_runs_every_simulated_exchange(tmp_path):
     """The README's first command: the service on the built-in fakes, files appear, /health answers."""
     import re
     import signal
-    import time
 
     from service import wait_for
 
@@ -126,22 +126,26 @@ def test_demo_runs_every_simulated_exchange(tmp_path):
 
         doc = wait_for(healthy, timeout=60, what="HTTP 200")
         assert sorted(doc["exchanges"]) == sorted(FAKES)
-        wait_for(lambda: all((tmp_path / "demo-data" / x).is_dir() for x in FAKES), timeout=30, what="files of every exchange")
-        time.sleep(1.5)
+        def trades_stored(exchange):
+            return any(p.stat().st_size for p in (tmp_path / "demo-data" / exchange).glob("*/TRADES/price.*.bin"))
+
+        wait_for(lambda: all(trades_stored(x) for x in FAKES), timeout=30, what="trades of every exchange on disk")
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    for exchange in FAKES:
-        assert list((tmp_path / "demo-data" / exchange).glob("*/TRADES/price.*.bin")), exchange
+    from mdlogger.storage import iter_tables, table_rows
+
+    tables = list(iter_tables(str(tmp_path / "demo-data")))
+    assert {key.exchange for key in tables} == set(FAKES)
+    for key in tables:  # a clean stop leaves every table whole
+        assert len(set(table_rows(str(tmp_path / "demo-data"), key).values())) == 1, key
 
 
-@pytest.mark.parametrize("exchange", ["coinbase", "binance", "bitfinex", "kraken", "okx"])
+@pytest.mark.parametrize("exchange", fake_names())
 def test_symbols_and_test_commands_on_every_exchange(tmp_path, exchange):
-    from mdlogger.fakes import fake_class
-
     with fake_class(exchange)(mode="steady", rate=50) as server:
         path = tmp_path / "logger.yaml"
         symbols = list(server.symbols)[:2]
@@ -156,3 +160,20 @@ def test_symbols_and_test_commands_on_every_exchange(tmp_path, exchange):
         proc = run("-m", "mdlogger", "--config", str(path), "test", exchange, "--count", "4", "--timeout", "15")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "OK: " in proc.stdout
+
+
+def test_check_symbols_runs_in_the_installed_environment_from_a_bare_python(tmp_path):
+    """Started by an interpreter without mdlogger's dependencies, it re-runs itself with the checkout's venv."""
+    script = os.path.join(ROOT, "scripts", "check_symbols.py")
+    venv_python = os.path.join(ROOT, ".venv", "bin", "python")
+    if not os.access(venv_python, os.X_OK):
+        pytest.skip("no .venv in the checkout (the README's set-up makes one)")
+    env = {k: v for k, v in os.environ.items() if k != "MDLOGGER_REEXEC"}
+    # -S: no site-packages, so requests and yaml are missing, as under a bare system python3.
+    proc = subprocess.run([sys.executable, "-S", script, "nosuchexchange"], capture_output=True, text=True,
+                          env=env, cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr  # argparse ran: the dependencies loaded
+    env["MDLOGGER_REEXEC"] = "1"  # as if the venv had been tried already: a clear message, exit 2 (not 1)
+    proc = subprocess.run([sys.executable, "-S", script, "binance"], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and "is not installed" in proc.stderr

@@ -7,7 +7,7 @@ import os
 from mdlogger import records as rec
 from mdlogger.reader import read_rows
 from mdlogger.settings import load_settings
-from mdlogger.stats import WRITER_FIELDS, Block
+from mdlogger.stats import Block, writer_fields
 from mdlogger.transport import encode_frame
 from mdlogger.writer import Writer
 
@@ -17,7 +17,7 @@ DAY = 1795478400  # 2026-11-24T00:00:00Z
 def make_writer(tmp_path, clock=lambda: DAY + 3600):
     settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True},
                              check_resources=False)
-    return Writer(settings, Block(WRITER_FIELDS), clock=clock)
+    return Writer(settings, Block(writer_fields()), clock=clock)
 
 
 def trade(sym, tid, sec, nanos=0, price=1.0):
@@ -25,7 +25,7 @@ def trade(sym, tid, sec, nanos=0, price=1.0):
 
 
 def feed(writer, kind, records, exchange="coinbase"):
-    writer.take_frame(kind, rec.EXCHANGE_CODES[exchange], b"".join(records))
+    writer.take_frame(kind, exchange, b"".join(records))
 
 
 def ids(tmp_path, sym="BTC-USD", exchange="coinbase", day="24.11.26"):
@@ -89,7 +89,7 @@ def test_live_trades_are_never_filtered(tmp_path):
 def test_big_tables_flush_at_buffer_size(tmp_path):
     settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True,
                                         "logger.buffer_size": 6000}, check_resources=False)
-    w = Writer(settings, Block(WRITER_FIELDS), clock=lambda: DAY)
+    w = Writer(settings, Block(writer_fields()), clock=lambda: DAY)
     feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY) for i in range(48)])
     assert w.stats.get("rows") == 0
     feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", i, DAY) for i in range(48, 96)])
@@ -101,8 +101,8 @@ def test_frames_through_a_pipe(tmp_path):
 
     w = make_writer(tmp_path)
     r, wfd = os.pipe()
-    w.add_slot(0, r)
-    os.write(wfd, encode_frame(rec.KIND_TRADES, rec.EXCHANGE_CODES["coinbase"], trade(b"BTC-USD", 7, DAY)))
+    w.add_slot(0, r, "coinbase")  # the supervisor's "add" names the slot's exchange; frames do not
+    os.write(wfd, encode_frame(rec.KIND_TRADES, trade(b"BTC-USD", 7, DAY)))
     w._read_slot(0)
     w.flush_all()
     assert ids(tmp_path) == [7]
@@ -114,7 +114,7 @@ def test_retention_removes_old_days_once_a_day_never_today_or_yesterday(tmp_path
     now = [DAY + 3600]
     settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True,
                                         "logger.retention_days": 1}, check_resources=False)
-    w = Writer(settings, Block(WRITER_FIELDS), clock=lambda: now[0])
+    w = Writer(settings, Block(writer_fields()), clock=lambda: now[0])
     for back in range(5):  # today and the four days before
         feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 100 + back, DAY - back * 86400 + 10)])
     w.flush_all()

@@ -1,21 +1,23 @@
-"""Exchange adapters, one module per exchange, registered by name."""
+"""Exchange adapters, one module per exchange, each registering itself by name.
+
+Importing this package imports every module in it, then the modules named in
+``MDLOGGER_EXCHANGE_MODULES`` (see mdlogger/exchanges/registry.py): adding an
+exchange is adding its adapter module (and its fake in mdlogger/fakes/), and
+nothing else; docs/ARCHITECTURE.md has the checklist.
+"""
 
 from __future__ import annotations
 
+from . import registry
 from .base import Exchange
-from .binance import Binance
-from .bitfinex import Bitfinex
-from .coinbase import Coinbase
-from .kraken import Kraken
-from .okx import Okx
+from .registry import ADAPTERS, adapter_class, exchange_names, fake_class, fake_names
 
-ADAPTERS: dict[str, type[Exchange]] = {cls.name: cls for cls in (Coinbase, Binance, Bitfinex, Kraken, Okx)}
+__all__ = ["ADAPTERS", "Exchange", "adapter_class", "adapter_for", "exchange_names", "fake_class", "fake_names"]
+
+registry.import_package(__name__, __path__)
+registry.import_extra_modules()
 
 
 def adapter_for(settings) -> Exchange:
     """The adapter instance for one exchange's settings."""
-    try:
-        cls = ADAPTERS[settings.name]
-    except KeyError:
-        raise ValueError("no adapter for exchange %r" % (settings.name,)) from None
-    return cls(settings)
+    return adapter_class(settings.name)(settings)

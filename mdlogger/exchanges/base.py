@@ -7,29 +7,34 @@ the exchange's limits, its keepalive rule) plus a few small hooks:
 * ``normalize(name)`` / ``exchange_name(symbol)``: the exchange's form <-> ``BASE-QUOTE``;
 * ``ws_url(symbols)`` and ``subscribe_messages(symbols)``;
 * ``new_session(symbols, sink)``: a per-connection parser whose
-  ``on_message(payload)`` turns one frame into records on the sink;
+  ``on_message(payload, recv_ns)`` turns one frame into records on the sink;
 * ``history`` (a :class:`HistorySpec`) and ``fetch_history(client, info,
   after, before, deadline)``: the trades of a gap, from the exchange's REST
   trade history (through a :class:`mdlogger.history.HistoryClient`), with the
-  hooks ``limited`` and ``after_reply`` that read rate-limit answers.
+  hooks ``limited`` and ``after_reply`` that read rate-limit answers and
+  ``fatal`` that spots answers not worth asking again.
 
 The shared connection loop (mdlogger/worker.py) knows nothing of any
-exchange: quirks live here, expressed through the hooks and through the few
-exceptions below (``Reconnect``, ``Pause``) that a session may raise.
+exchange: quirks live here, expressed through the hooks and through the three
+exceptions below that a session may raise (``Reconnect``, its planned kind
+``Rotate``, and ``Pause``). docs/PROTOCOLS.md has the protocol facts each
+adapter relies on.
 """
 
 from __future__ import annotations
 
 import collections
-import math
+import re
+import reprlib
 import time
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import orjson
 
 from .. import records as rec
 from ..settings import ExchangeSettings
+from . import registry
 
 
 @dataclass(frozen=True)
@@ -88,11 +93,12 @@ class Refused(Exception):
 
 
 class Reconnect(Exception):
-    """The exchange asked us to reconnect (shutdown notice, restart info)."""
+    """The exchange asked us to reconnect now (Bitfinex's restart and end-of-maintenance info)."""
 
 
 class Rotate(Reconnect):
-    """A planned reconnect with notice: open the next connection before this one goes."""
+    """A planned reconnect with notice (Binance ``serverShutdown`` and 24 h limit, OKX notice 64008):
+    open the next connection before this one goes."""
 
 
 class Pause(Exception):
@@ -136,28 +142,69 @@ class Sink:
 
 MAX_PRICE = 1e12  # no traded price is near this; a bigger one is garbage
 MAX_SIZE = 1e15
+# Prices and sizes are stored as float32: a smaller magnitude than the smallest
+# normal float32 (2**-126, ~1.2e-38) loses its precision there, and below ~1.4e-45
+# it becomes 0.0. No traded price or size is near it, so such a value is refused.
+# (The upper bounds above are far inside the float32 range, 3.4e38.)
+MIN_VALUE = 2.0 ** -126
 MAX_PAST_SECS = 2 * 86400  # older rows would land in days the writer no longer repairs
 MAX_FUTURE_SECS = 600
 
+# An exchange number given as text: ASCII digits with an optional sign, decimal
+# point and exponent. float() alone would also take non-ASCII digits ("١٠٠"),
+# underscores ("1_000"), surrounding blanks (" 7 "), "NaN" and "inf". (The
+# Binance fast path takes the same texts by a cheaper test: keep the two alike.)
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
-def price(value) -> float:
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 3
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 80
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = 6
+
+
+def shown(value) -> str:
+    """``repr(value)`` cut short in length and depth, for a refusal's detail.
+
+    Use it (never ``repr`` or ``%r``/``%s``) on anything taken from a frame: a
+    frame may nest a thousand lists, whose full repr raises RecursionError.
+    """
+    try:
+        return _SHOW.repr(value)
+    except Exception:  # noqa: BLE001 - a detail must never be what fails
+        return "<%s>" % type(value).__name__
+
+
+def exchange_text(value, limit: int = 300) -> str:
+    """Exchange text for a message (an error text as the exchange sent it, cut at ``limit``);
+    anything but a string is shown as :func:`shown` does."""
+    out = value if isinstance(value, str) else shown(value)
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+def number(value, reason: str, limit: float) -> float:
+    """An exchange number -> float: a JSON number (not a boolean) or ASCII decimal text, whose
+    value is at least MIN_VALUE and below ``limit``; otherwise Refused(``reason``)."""
+    kind = type(value)
+    if kind is str:
+        if _DECIMAL_TEXT.fullmatch(value) is None:
+            raise Refused(reason, shown(value))
+    elif kind is not float and kind is not int:
+        raise Refused(reason, shown(value))
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise Refused("bad_price", repr(value)) from None
-    if not (0.0 < x < MAX_PRICE) or isinstance(value, bool):
-        raise Refused("bad_price", repr(value))
+    except (ValueError, OverflowError):
+        raise Refused(reason, shown(value)) from None
+    if not (MIN_VALUE <= x < limit):  # also refuses NaN
+        raise Refused(reason, shown(value))
     return x
+
+
+def price(value) -> float:
+    return number(value, "bad_price", MAX_PRICE)
 
 
 def size(value) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise Refused("bad_size", repr(value)) from None
-    if not (0.0 < x < MAX_SIZE) or isinstance(value, bool):
-        raise Refused("bad_size", repr(value))
-    return x
+    return number(value, "bad_size", MAX_SIZE)
 
 
 def optional_price(value) -> float:
@@ -181,27 +228,38 @@ def check_time(sec_nanos: tuple[int, int], now: float | None = None) -> tuple[in
     return sec_nanos
 
 
+def digits(value) -> bool:
+    """True for a non-empty string of ASCII digits (``str.isdigit`` alone takes any script's digits)."""
+    return type(value) is str and value.isascii() and value.isdigit()
+
+
 def millis(value) -> tuple[int, int]:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise Refused("bad_time", repr(value))
+    """Milliseconds since the epoch: a JSON integer or a string of ASCII digits."""
+    if type(value) is not int and not digits(value):
+        raise Refused("bad_time", shown(value))
     try:
         return check_time(rec.from_millis(value))
-    except ValueError:
-        raise Refused("bad_time", repr(value)) from None
+    except ValueError:  # (more digits than int() takes)
+        raise Refused("bad_time", shown(value)) from None
 
 
 def iso_time(value) -> tuple[int, int]:
+    # ASCII only, and no trailing newline (which a "$" in a pattern lets through).
+    if type(value) is not str or not value.isascii() or value[-1:] == "\n":
+        raise Refused("bad_time", shown(value))
     try:
         return check_time(rec.from_iso8601(value))
     except ValueError:
-        raise Refused("bad_time", repr(value)) from None
+        raise Refused("bad_time", shown(value)) from None
 
 
 def decimal_seconds(value) -> tuple[int, int]:
+    if type(value) is not str or not value.isascii():  # ASCII digits only
+        raise Refused("bad_time", shown(value))
     try:
         return check_time(rec.from_decimal_seconds(value))
     except ValueError:
-        raise Refused("bad_time", repr(value)) from None
+        raise Refused("bad_time", shown(value)) from None
 
 
 def loads(payload: bytes):
@@ -225,8 +283,9 @@ def micro_seconds_float(value) -> tuple[int, int]:
     """
     if isinstance(value, str):
         return decimal_seconds(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise Refused("bad_time", repr(value))
+    kind = type(value)
+    if (kind is not float and kind is not int) or not 0 <= value < 1e12:  # (NaN and 1e308 too: no overflow)
+        raise Refused("bad_time", shown(value))
     return check_time(rec.from_micros(round(value * 1e6)))
 
 
@@ -249,6 +308,9 @@ def history_row(rows: HistoryRows, parse: Callable, item):
     except (KeyError, IndexError, TypeError, AttributeError):
         rows.skipped["missing_field"] += 1
         return None
+    except Exception:  # noqa: BLE001 - as in the receive loop: a row never stops a backfill
+        rows.skipped["parser_error"] += 1
+        return None
 
 
 def raw_id(item, key):
@@ -267,14 +329,19 @@ def ascending_by_id(rows: HistoryRows) -> HistoryRows:
 
 
 def trade_id(value) -> int:
-    if isinstance(value, bool):
-        raise Refused("missing_field", "trade id %r" % (value,))
-    try:
-        x = int(value)
-    except (TypeError, ValueError):
-        raise Refused("missing_field", "trade id %r" % (value,)) from None
+    """A trade id: a JSON integer, or a string of ASCII digits (where the exchange sends text);
+    never a float (1.5 is not an id), a boolean or signed or padded text; below 2**64."""
+    if type(value) is int:
+        x = value
+    elif digits(value):
+        try:
+            x = int(value)
+        except ValueError:  # more digits than int() takes
+            raise Refused("missing_field", "trade id %s" % (shown(value),)) from None
+    else:
+        raise Refused("missing_field", "trade id %s" % (shown(value),))
     if not 0 <= x < 1 << 64:
-        raise Refused("missing_field", "trade id %r" % (value,))
+        raise Refused("missing_field", "trade id %s" % (shown(value),))
     return x
 
 
@@ -304,15 +371,17 @@ class Session:
         return True
 
     def expect_replay(self, name) -> None:
-        """A (re)subscription was acknowledged: its next trade message is a replay again."""
-        self._replayed.discard(name)
+        """A (re)subscription was acknowledged: its next trade message is a replay again.
+        (``name`` comes from the ack: anything but one of our symbols is ignored.)"""
+        if isinstance(name, str):
+            self._replayed.discard(name)
 
     def symbol(self, name) -> bytes:
         if not isinstance(name, str):
-            raise Refused("bad_symbol", repr(name)[:200])
+            raise Refused("bad_symbol", shown(name))
         sym = self.by_name.get(name)
         if sym is None:
-            raise Refused("unknown_symbol", repr(name)[:200])
+            raise Refused("unknown_symbol", shown(name))
         return sym
 
     def on_message(self, payload: bytes, recv_ns: int) -> None:
@@ -336,9 +405,18 @@ class Session:
 
 
 class Exchange:
-    """Declarative description of one exchange plus its hooks."""
+    """Declarative description of one exchange plus its hooks.
 
-    name: ClassVar[str]
+    A subclass that sets ``name`` is registered under it when the class is
+    created (mdlogger/exchanges/registry.py); the registry refuses one that
+    leaves out any class data below without a default.
+    """
+
+    name: ClassVar[str]  # a-z, 0-9: names the exchange's directory, settings section and /health entries
+    default_ws_endpoint: ClassVar[str]  # the defaults of exchanges.<name>.ws_endpoint / rest_endpoint
+    default_rest_endpoint: ClassVar[str]
+    # Other defaults of exchanges.<name>.<key> for this exchange (checked like the configuration file).
+    default_settings: ClassVar[Mapping[str, Any]] = {}
     channels: ClassVar[tuple[str, ...]]  # subscribed per symbol
     max_channels_per_connection: ClassVar[int]
     connect_rate: ClassVar[float]  # new connections per second allowed per IP
@@ -346,6 +424,11 @@ class Exchange:
     max_frame_bytes: ClassVar[int] = 1 << 20
     max_connection_age: ClassVar[float | None] = None  # reconnect before the exchange closes us
     session_class: ClassVar[type[Session]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # an exchange, not a shared intermediate class
+            registry.register_adapter(cls)
 
     def __init__(self, settings: ExchangeSettings):
         self.settings = settings
@@ -413,73 +496,3 @@ class Exchange:
     def after_reply(cls, headers) -> float | None:
         """Seconds to pause every REST caller after any reply (usage headers); None: no pause."""
         return None
-
-
-def resolve_symbols(adapter: Exchange, listed: Sequence[SymbolInfo], wanted: Sequence[str]):
-    """Match configured symbols against the listing.
-
-    Returns ``(chosen, problems)``: the active SymbolInfo to capture, and
-    ``(configured name, status)`` pairs for names that are unknown or inactive.
-    An empty ``wanted`` means every active listed symbol.
-    """
-    by_norm = {s.symbol: s for s in listed}
-    by_name = {s.exchange_name: s for s in listed}
-    if not wanted:
-        return [s for s in listed if s.active], []
-    chosen, problems, seen = [], [], set()
-    for name in wanted:
-        info = by_norm.get(name) or by_name.get(name) or by_norm.get(name.upper())
-        if info is None:
-            problems.append((name, "unknown"))
-        elif not info.active:
-            problems.append((name, "inactive"))
-        elif info.symbol not in seen:
-            seen.add(info.symbol)
-            chosen.append(info)
-    return chosen, problems
-
-
-def split_shards(symbols: Sequence[SymbolInfo], per_connection: int, max_connections: int):
-    """Balanced shards within both limits; returns ``(shards, uncovered)``."""
-    capacity = per_connection * max_connections
-    covered, uncovered = list(symbols[:capacity]), list(symbols[capacity:])
-    if not covered:
-        return [], uncovered
-    n = math.ceil(len(covered) / per_connection)
-    shards = [covered[i::n] for i in range(n)]
-    return shards, uncovered
-
-
-def reshard(current: Sequence[Sequence[SymbolInfo]], symbols: Sequence[SymbolInfo], per_connection: int,
-            max_connections: int):
-    """Shards for ``symbols`` that leave as many ``current`` shards untouched as the limits allow.
-
-    Used by a configuration reload, where every changed shard means a
-    reconnect. Each current shard keeps the symbols it has that are still
-    wanted (unchanged if it lost none). Symbols no shard holds go first into
-    new shards (balanced, while connections are free), then into the current
-    shards with the most room. Returns ``(shards, uncovered)`` like
-    :func:`split_shards`; a shard equal to a current one can keep its worker.
-    """
-    wanted = {s.symbol: s for s in symbols}
-    shards: list[list[SymbolInfo]] = []
-    held: set[str] = set()
-    for shard in current:
-        if len(shards) == max_connections:
-            break
-        keep = [wanted[s.symbol] for s in shard if s.symbol in wanted and s.symbol not in held][:per_connection]
-        if keep:
-            shards.append(keep)
-            held.update(s.symbol for s in keep)
-    leftover = [s for s in symbols if s.symbol not in held]
-    free = max_connections - len(shards)
-    if leftover and free:
-        fresh, leftover = split_shards(leftover, per_connection, free)
-        shards.extend(fresh)
-    for symbol in list(leftover):
-        roomiest = min(shards, key=len, default=None)
-        if roomiest is None or len(roomiest) >= per_connection:
-            break
-        roomiest.append(symbol)
-        leftover.remove(symbol)
-    return shards, leftover

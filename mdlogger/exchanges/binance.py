@@ -1,12 +1,15 @@
 """Binance spot: combined streams ``<symbol>@trade`` and ``<symbol>@ticker``.
 
-Facts this module encodes (docs/exchange-protocols.md, Binance section):
-the server pings every 20 s and wants its payload echoed (websocket-client
-does that inside ``recv``); at most 5 incoming messages per second per
-connection, pongs included, so our own budget is 4; 1024 streams per
-connection; 300 connection attempts per 5 minutes per IP; every connection is
-closed at 24 h; ``serverShutdown`` announces a restart. Symbols have no
-separator: they are split with ``baseAsset``/``quoteAsset``, never guessed.
+Facts this module encodes (docs/PROTOCOLS.md, "Binance spot"):
+the server pings every 20 s and wants its payload echoed (the worker answers
+every ping with a pong carrying the same payload); at most 5 incoming
+messages per second per connection, pongs included, so our own budget is 4;
+1024 streams per connection (we subscribe SUBSCRIBE_CHUNK per message); 300
+connection attempts per 5 minutes per IP; every connection is closed at 24 h,
+so we rotate to a new one at 23.5 h; ``serverShutdown`` announces a restart
+(rotate too). In a ``trade``, ``m`` true means the buyer was the maker: the
+taker sold. Symbols have no separator: they are split with
+``baseAsset``/``quoteAsset``, never guessed.
 
 REST trade history (gap backfill): ``GET /api/v3/historicalTrades?symbol=&fromId=&limit=1000``,
 oldest first, weight 25 per call whatever the limit, no API key needed. The
@@ -14,7 +17,8 @@ limit is 6000 weight per minute per IP; every reply's ``X-MBX-USED-WEIGHT-1M``
 says how much of the current minute is used. A 429 comes with ``Retry-After``;
 going on after 429s gets the IP banned (418, 2 minutes to 3 days), so a 429
 pauses every caller until Retry-After, and we pause ourselves until the next
-minute once the used weight passes 80 %.
+minute once the used weight passes 80 %. ``fromId`` is taken as inclusive
+(the docs do not say).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from . import base
 from .base import (
     MAX_PRICE,
     MAX_SIZE,
+    MIN_VALUE,
     Exchange,
     HistoryRows,
     HistorySpec,
@@ -42,6 +47,8 @@ from .base import (
     millis,
     price,
     raw_id,
+    exchange_text,
+    shown,
     size,
     trade_id,
 )
@@ -99,16 +106,23 @@ class BinanceSession(Session):
             sym = self.by_name[d["s"]]
             tid = d["t"]
             ms = d["T"]
-            px = float(d["p"])
-            qty = float(d["q"])
+            p, q = d["p"], d["q"]
+            # Texts only (a JSON number, true included, has no isascii), ASCII, without "_" and
+            # without blanks around: what float() then takes is what base.number takes (its
+            # NaN and inf fail the bounds below). Checked so, not char by char: ~0.1 us a trade.
+            if not (p.isascii() and q.isascii() and "_" not in p and "_" not in q
+                    and p.strip() is p and q.strip() is q):
+                return False
+            px = float(p)
+            qty = float(q)
             maker = d["m"]
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return False
         now_ms = recv_ns // 1_000_000
         if not (
             type(tid) is int and 0 <= tid < 1 << 64
             and type(ms) is int and now_ms - MAX_PAST_MS <= ms <= now_ms + MAX_FUTURE_MS
-            and 0.0 < px < MAX_PRICE and 0.0 < qty < MAX_SIZE
+            and MIN_VALUE <= px < MAX_PRICE and MIN_VALUE <= qty < MAX_SIZE  # float32: see base.MIN_VALUE
             and (maker is True or maker is False)
         ):
             return False
@@ -127,7 +141,7 @@ class BinanceSession(Session):
         except KeyError as exc:
             raise Refused("missing_field", "%s without %s" % (event, exc)) from None
         if not isinstance(maker, bool):
-            raise Refused("missing_field", "m=%r" % (maker,))
+            raise Refused("missing_field", "m=%s" % (shown(maker),))
         self.sink.trade(sym, tid, sec, nanos, px, qty, rec.SIDE_SELL if maker else rec.SIDE_BUY)
 
     def _ticker(self, d: dict) -> None:
@@ -147,13 +161,16 @@ class BinanceSession(Session):
             return  # SUBSCRIBE ack
         error = msg.get("error") if isinstance(msg.get("error"), dict) else msg
         if "code" in error and "msg" in error:
-            self.sink.exchange_error("code %s: %s (request id %s)" % (error["code"], error["msg"], msg.get("id")))
+            self.sink.exchange_error("code %s: %s (request id %s)" % (
+                exchange_text(error["code"]), exchange_text(error["msg"]), exchange_text(msg.get("id"))))
             return
         raise Refused("unknown_type", payload[:200])
 
 
 class Binance(Exchange):
     name = "binance"
+    default_ws_endpoint = "wss://stream.binance.com:9443"
+    default_rest_endpoint = "https://api.binance.com"
     channels = ("trade", "ticker")
     max_channels_per_connection = 1024
     connect_rate = 300 / 300.0
@@ -260,5 +277,5 @@ def _rest_trade(sym: bytes, d: dict) -> tuple:
     qty = size(d["qty"])
     maker = d["isBuyerMaker"]
     if not isinstance(maker, bool):
-        raise Refused("missing_field", "isBuyerMaker=%r" % (maker,))
+        raise Refused("missing_field", "isBuyerMaker=%s" % (shown(maker),))
     return (sym, tid, sec, nanos, px, qty, rec.SIDE_SELL if maker else rec.SIDE_BUY, ZERO_ID, ZERO_ID)

@@ -1,6 +1,6 @@
 """Bitfinex WebSocket v2 (public): ``ticker`` and ``trades``, one subscription per channel per symbol.
 
-Facts this module encodes (docs/exchange-protocols.md, Bitfinex section):
+Facts this module encodes (docs/PROTOCOLS.md, "Bitfinex"):
 data frames carry only a ``chanId``, so each connection keeps the map from
 the ``subscribed`` acks; at most 25 channels per connection; ``[CHAN,"hb"]``
 heartbeats after 15 s of channel silence; a trade arrives as ``te`` then
@@ -18,8 +18,9 @@ REST trade history (gap backfill): ``GET /v2/trades/{tSYM}/hist?start=&end=&limi
 rows ``[ID, MTS, AMOUNT, PRICE]`` oldest first, start and end inclusive
 milliseconds. Paged by time: the next start is the last MTS of a full page
 (the pages overlap; rows are deduped by id). The endpoint allows only a few
-requests per minute (sources say 10 to 90; this page 15); over it the reply
-is HTTP 429 or ``["error",11010,"ratelimit: error"]`` and the block lasts 60 s.
+requests per minute (sources say 10 to 90; this page 15), so we budget 10 a
+minute; over it the reply is HTTP 429 or ``["error",11010,"ratelimit: error"]``
+and the block lasts 60 s, which every caller then waits.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from .base import (
     optional_price,
     price,
     receive_time,
+    exchange_text,
+    shown,
     size,
     trade_id,
 )
@@ -72,6 +75,7 @@ class BitfinexSession(Session):
     def __init__(self, adapter, symbols, sink):
         super().__init__(adapter, symbols, sink)
         self.channels: dict[int, tuple[str, str]] = {}  # chanId -> (channel, exchange symbol)
+        self._chan_ids: dict[tuple[str, str], int] = {}  # the reverse: one chanId per channel of ours
         self._recent: collections.deque = collections.deque(maxlen=RECENT_IDS)
         self._recent_set: set[tuple[bytes, int]] = set()
 
@@ -82,7 +86,7 @@ class BitfinexSession(Session):
             return
         if not isinstance(msg, list) or len(msg) < 2:
             raise Refused("unknown_type", payload[:200])
-        entry = self.channels.get(msg[0]) if isinstance(msg[0], int) else None
+        entry = self.channels.get(msg[0]) if type(msg[0]) is int else None  # (true would find chanId 1)
         if entry is None:
             raise Refused("unknown_type", payload[:200])
         if msg[1] == "hb":
@@ -99,7 +103,7 @@ class BitfinexSession(Session):
     def _ticker(self, name: str, t, recv_ns: int) -> None:
         sym = self.symbol(name)
         if not isinstance(t, list) or len(t) < 7:
-            raise Refused("missing_field", "ticker %r" % (t,))
+            raise Refused("missing_field", "ticker %s" % (shown(t),))
         px = price(t[6])
         sec, nanos = receive_time(recv_ns)
         self.sink.ticker(sym, sec, nanos, px, rec.NAN, rec.SIDE_UNKNOWN, optional_price(t[0]), optional_price(t[2]))
@@ -116,7 +120,7 @@ class BitfinexSession(Session):
             self.sink.trade(sym, tid, sec, nanos, px, qty, side)
             return
         if not isinstance(msg[1], list):
-            raise Refused("unknown_type", repr(msg)[:200])
+            raise Refused("unknown_type", shown(msg))
         rows = [self._trade_fields(item) for item in msg[1]]
         rows.sort(key=lambda r: (r[1], r[2], r[0]))  # newest first on the wire: store oldest first
         for tid, sec, nanos, px, qty, side in rows:
@@ -126,12 +130,12 @@ class BitfinexSession(Session):
     @staticmethod
     def _trade_fields(item):
         if not isinstance(item, list) or len(item) < 4:
-            raise Refused("missing_field", "trade %r" % (item,))
+            raise Refused("missing_field", "trade %s" % (shown(item),))
         tid = trade_id(item[0])
         sec, nanos = millis(item[1])
         amount = item[2]
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount == 0:
-            raise Refused("bad_size", repr(amount))
+            raise Refused("bad_size", shown(amount))
         qty = size(abs(amount))
         return tid, sec, nanos, price(item[3]), qty, rec.SIDE_BUY if amount > 0 else rec.SIDE_SELL
 
@@ -145,11 +149,14 @@ class BitfinexSession(Session):
     def _event(self, msg: dict, payload: bytes) -> None:
         event = msg.get("event")
         if event == "subscribed":
-            chan, name = msg.get("chanId"), msg.get("symbol") or ("t" + str(msg.get("pair", "")))
-            if isinstance(chan, int):
-                self.channels[chan] = (str(msg.get("channel")), name)
+            self._subscribed(msg)
         elif event == "unsubscribed":
-            self.channels.pop(msg.get("chanId"), None)
+            chan = msg.get("chanId")
+            if type(chan) is not int:
+                raise Refused("missing_field", "unsubscribed chanId %s" % (shown(chan),))
+            key = self.channels.pop(chan, None)
+            if key is not None and self._chan_ids.get(key) == chan:
+                del self._chan_ids[key]
         elif event == "info":
             self._info(msg)
         elif event == "error":
@@ -160,11 +167,34 @@ class BitfinexSession(Session):
                     symbol = self.adapter.normalize(name if name.startswith("t") else "t" + name)
                 except ValueError:
                     symbol = None
-            self.sink.exchange_error("code %s: %s" % (msg.get("code"), msg.get("msg", "")), symbol=symbol)
+            self.sink.exchange_error("code %s: %s" % (exchange_text(msg.get("code")), exchange_text(msg.get("msg", ""))),
+                                     symbol=symbol)
         elif event in ("pong", "conf"):
             return
         else:
             raise Refused("unknown_type", payload[:200])
+
+    def _subscribed(self, msg: dict) -> None:
+        """Map an ack's chanId to (channel, symbol), for the channels we parse on our symbols only,
+        one chanId each (a newer ack replaces the older): the map never outgrows the subscriptions."""
+        chan, channel = msg.get("chanId"), msg.get("channel")
+        name = msg.get("symbol")
+        if not name:
+            pair = msg.get("pair")
+            name = "t" + pair if isinstance(pair, str) else None
+        if type(chan) is not int or not isinstance(name, str):
+            raise Refused("missing_field", "subscribed chanId %s symbol %s" % (shown(chan), shown(name)))
+        if channel not in ("ticker", "trades") or name not in self.by_name:
+            return  # not a channel of ours: data on that chanId is refused as unknown_type
+        key = (channel, name)
+        old = self._chan_ids.get(key)
+        if old is not None:
+            self.channels.pop(old, None)
+        taken = self.channels.get(chan)
+        if taken is not None:
+            self._chan_ids.pop(taken, None)
+        self.channels[chan] = key
+        self._chan_ids[key] = chan
 
     @staticmethod
     def _info(msg: dict) -> None:
@@ -179,6 +209,9 @@ class BitfinexSession(Session):
 
 class Bitfinex(Exchange):
     name = "bitfinex"
+    default_ws_endpoint = "wss://api-pub.bitfinex.com/ws/2"
+    default_rest_endpoint = "https://api-pub.bitfinex.com"
+    default_settings = {"symbols_per_connection": 12}  # 25 channels per connection, 2 per symbol
     channels = ("ticker", "trades")
     max_channels_per_connection = 25
     connect_rate = 20 / 60.0  # 20 connections per minute on api-pub

@@ -1,6 +1,6 @@
 """Coinbase Exchange: channels ``ticker``, ``matches`` and ``heartbeat``.
 
-Facts this module encodes (docs/exchange-protocols.md, Coinbase section):
+Facts this module encodes (docs/PROTOCOLS.md, "Coinbase Exchange"):
 one ``subscribe`` message with every product and channel, which must arrive
 within 5 s of connecting; in ``match``/``last_match`` the ``side`` is the
 MAKER's, so the taker did the opposite, while a ``ticker``'s ``side`` is the
@@ -8,13 +8,17 @@ taker's; ``time`` is ISO-8601 with microseconds; order ids are UUIDs, stored
 as their 16 bytes in RFC 4122 order; ``last_match`` is the last trade before
 the subscription (a snapshot). The ``heartbeat`` channel (one message per
 product per second) keeps quiet products' connections visibly alive.
-Limits: 8 REST requests/s per IP, 100 client messages/s per IP.
+WebSocket limits per IP: 8 requests/s (bursts to 20) and 100 client
+messages/s; we open at most 2 connections/s, send at most 5 messages/s per
+connection and put at most 100 products on one connection.
 
 REST trade history (gap backfill): ``GET /products/{id}/trades?limit=1000&after=X``
 gives trades older than id X, newest first, with the header ``CB-AFTER`` (the
 oldest id of the page: the cursor of the next older page). Its ``side`` is
 the maker's, as in ``match``; it has no order ids (stored as zeros). Public
-REST is limited to 10 requests/s per IP (bursts to 15).
+REST is limited to 10 requests/s per IP (bursts to 15); a 429 comes without
+Retry-After. The page size (1000) is not confirmed by Coinbase; paging
+follows ``CB-AFTER`` whatever a page holds.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from .base import (
     optional_price,
     optional_size,
     price,
+    exchange_text,
+    shown,
     size,
     trade_id,
 )
@@ -50,15 +56,17 @@ MAKER_TO_TAKER = {"buy": rec.SIDE_SELL, "sell": rec.SIDE_BUY}
 TAKER = {"buy": rec.SIDE_BUY, "sell": rec.SIDE_SELL}
 _PRODUCT_RE = re.compile(r"\b([A-Za-z0-9]+-[A-Za-z0-9]+)\b")
 IGNORED = {"subscriptions", "heartbeat"}
+# A UUID in its canonical text form, ASCII hex only (uuid.UUID alone also takes braces,
+# "urn:uuid:" and, through int(), other scripts' digits and underscores).
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def _order_id(value) -> bytes:
     if value is None or value == "":
         return rec.ZERO_ID
-    try:
-        return uuid.UUID(value).bytes
-    except (ValueError, TypeError, AttributeError):
-        raise Refused("missing_field", "order id %r" % (value,)) from None
+    if type(value) is not str or _UUID_RE.fullmatch(value) is None:
+        raise Refused("missing_field", "order id %s" % (shown(value),))
+    return uuid.UUID(value).bytes
 
 
 class CoinbaseSession(Session):
@@ -67,6 +75,8 @@ class CoinbaseSession(Session):
         if not isinstance(msg, dict):
             raise Refused("unknown_type", payload[:200])
         kind = msg.get("type")
+        if type(kind) is not str:  # (a list or an object would not even hash for the IGNORED test)
+            raise Refused("unknown_type", payload[:200])
         if kind == "match" or kind == "last_match":
             self._match(msg, kind == "last_match")
         elif kind == "ticker":
@@ -85,11 +95,12 @@ class CoinbaseSession(Session):
             sec, nanos = iso_time(m["time"])
             px = price(m["price"])
             qty = size(m["size"])
-            side = MAKER_TO_TAKER[m["side"]]
+            side = m["side"]
         except KeyError as exc:
-            raise Refused("missing_field", "match without a valid %s" % (exc,)) from None
-        except TypeError:
-            raise Refused("missing_field", "match with an unhashable field") from None
+            raise Refused("missing_field", "match without %s" % (exc,)) from None
+        side = MAKER_TO_TAKER.get(side) if type(side) is str else None
+        if side is None:
+            raise Refused("missing_field", "match side %s" % (shown(m["side"]),))
         maker = _order_id(m.get("maker_order_id"))
         taker = _order_id(m.get("taker_order_id"))
         self.sink.trade(sym, tid, sec, nanos, px, qty, side, maker, taker, snapshot=snapshot)
@@ -106,9 +117,10 @@ class CoinbaseSession(Session):
                          optional_price(t.get("best_bid")), optional_price(t.get("best_ask")))
 
     def _error(self, msg: dict) -> None:
-        text = "%s: %s" % (msg.get("message", "error"), msg.get("reason", ""))
+        reason = exchange_text(msg.get("reason", ""))
+        text = "%s: %s" % (exchange_text(msg.get("message", "error")), reason)
         symbol = None
-        m = _PRODUCT_RE.search(str(msg.get("reason", "")))
+        m = _PRODUCT_RE.search(reason)
         if m and rec.valid_symbol(m.group(1).upper()):
             symbol = m.group(1).upper()
         self.sink.exchange_error(text, symbol=symbol)
@@ -116,6 +128,8 @@ class CoinbaseSession(Session):
 
 class Coinbase(Exchange):
     name = "coinbase"
+    default_ws_endpoint = "wss://ws-feed.exchange.coinbase.com"
+    default_rest_endpoint = "https://api.exchange.coinbase.com"
     channels = ("ticker", "matches", "heartbeat")
     max_channels_per_connection = 300  # 100 products per connection keeps each subscribe small
     connect_rate = 2.0  # well inside 8 requests/s per IP
@@ -196,5 +210,5 @@ def _rest_trade(sym: bytes, d: dict) -> tuple:
     qty = size(d["size"])
     side = MAKER_TO_TAKER.get(d["side"]) if isinstance(d["side"], str) else None
     if side is None:
-        raise Refused("missing_field", "side=%.50r" % (d["side"],))
+        raise Refused("missing_field", "side=%s" % (shown(d["side"]),))
     return (sym, tid, sec, nanos, px, qty, side, rec.ZERO_ID, rec.ZERO_ID)

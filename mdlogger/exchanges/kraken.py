@@ -1,20 +1,24 @@
 """Kraken WebSocket v1 (public): ``trade`` and ``ticker`` on ``XBT/USD``-style pairs.
 
-Facts this module encodes (docs/exchange-protocols.md, Kraken section):
+Facts this module encodes (docs/PROTOCOLS.md, "Kraken (WebSocket v1)"):
 symbols are the AssetPairs ``wsname`` (``XBT/USD``), normalized with
 XBT -> BTC and XDG -> DOGE; dark-pool pairs have no ``wsname`` and are
 skipped; a trade is ``[price, volume, time, side, ordertype, misc]`` with the
 time as decimal seconds and side ``b``/``s`` the taker's, and v1 has no trade
-id (stored as 0); on subscribe the server replays the last trades (the first
-trade message of a pair on a connection), stored only when newer than what
-we have (by time); tickers carry no time (the receive time is stored);
-``{"event":"heartbeat"}`` comes about every second on a quiet connection;
-``systemStatus`` ``maintenance`` means wait.
+id (stored as 0); Kraken documents a replay of the last 50 trades on
+subscribe (the 2021 capture shows none), so the first trade message of a pair
+after its ``subscribed`` ack is passed as a snapshot, stored only when newer
+than what we have (by time); tickers carry no time (the receive time is
+stored); ``{"event":"heartbeat"}`` comes about every second on a quiet
+connection, and we ping after PING_AFTER_SECS of silence;
+``systemStatus`` ``maintenance`` means wait (MAINTENANCE_PAUSE_SECS).
 
 REST trade history (gap backfill): ``GET /0/public/Trades?pair=XBTUSD&since=<ns>&count=1000``,
 oldest first; rows ``[price, volume, time, b/s, m/l, misc, trade_id]`` with
 the time a JSON float of seconds; the result is keyed by Kraken's own pair
-name (``XXBTZUSD``) next to ``last``, the ns cursor of the next page. Public
+name (``XXBTZUSD``) next to ``last``, the ns cursor of the next page.
+``since`` is taken as exclusive (not confirmed by Kraken): we ask from 1 ns
+before each bound, which is right either way. Public
 REST allows about one request per second per IP; over it, ``error`` holds
 ``EGeneral:Too many requests`` (with HTTP 200 as far as the docs say). We then
 pause every caller RATE_LIMIT_PAUSE_SECS: Kraken's public counter drains at
@@ -44,6 +48,8 @@ from .base import (
     optional_size,
     price,
     receive_time,
+    exchange_text,
+    shown,
     size,
 )
 
@@ -83,16 +89,15 @@ class KrakenSession(Session):
     def _trades(self, pair, items) -> None:
         sym = self.symbol(pair)
         if not isinstance(items, list):
-            raise Refused("missing_field", "trade data %r" % (items,))
+            raise Refused("missing_field", "trade data %s" % (shown(items),))
         snapshot = self.first_trades(pair)
         rows = []
         for item in items:
-            try:
-                px, vol, when, side = item[0], item[1], item[2], item[3]
-            except (IndexError, TypeError, KeyError):
-                raise Refused("missing_field", "trade %r" % (item,)) from None
+            if type(item) is not list or len(item) < 4:  # (a string would index too)
+                raise Refused("missing_field", "trade %s" % (shown(item),))
+            px, vol, when, side = item[0], item[1], item[2], item[3]
             if not isinstance(side, str) or side not in SIDES:
-                raise Refused("missing_field", "side %r" % (side,))
+                raise Refused("missing_field", "side %s" % (shown(side),))
             sec, nanos = decimal_seconds(when)
             rows.append((sec, nanos, price(px), size(vol), SIDES[side]))
         if snapshot:  # oldest first; trades of one time keep the exchange's order (a stable sort on time)
@@ -104,11 +109,14 @@ class KrakenSession(Session):
         sym = self.symbol(pair)
         try:
             last, bid, ask = t["c"], t["b"], t["a"]
-            px = price(last[0])
-            volume = optional_size(last[1] if len(last) > 1 else None)
-            best_bid, best_ask = optional_price(bid[0]), optional_price(ask[0])
-        except (KeyError, IndexError, TypeError):
-            raise Refused("missing_field", "ticker %r" % (t,)) from None
+        except (KeyError, TypeError):
+            raise Refused("missing_field", "ticker %s" % (shown(t),)) from None
+        # Each a list [price, ...]: a string would index too, character by character.
+        if not (type(last) is list and type(bid) is list and type(ask) is list and last and bid and ask):
+            raise Refused("missing_field", "ticker %s" % (shown(t),))
+        px = price(last[0])
+        volume = optional_size(last[1] if len(last) > 1 else None)
+        best_bid, best_ask = optional_price(bid[0]), optional_price(ask[0])
         sec, nanos = receive_time(recv_ns)
         self.sink.ticker(sym, sec, nanos, px, volume, rec.SIDE_UNKNOWN, best_bid, best_ask)
 
@@ -124,19 +132,25 @@ class KrakenSession(Session):
             if msg.get("status") == "error":
                 pair = msg.get("pair")
                 symbol = self.adapter.normalize(pair) if isinstance(pair, str) and "/" in pair else None
-                self.sink.exchange_error("%s (pair %s)" % (msg.get("errorMessage", "subscription error"), pair),
+                self.sink.exchange_error("%s (pair %s)" % (exchange_text(msg.get("errorMessage", "subscription error")),
+                                                           exchange_text(pair)),
                                          symbol=symbol if symbol and rec.valid_symbol(symbol) else None)
             elif msg.get("status") == "subscribed" and msg.get("channelName") == "trade":
-                self.expect_replay(msg.get("pair"))
+                pair = msg.get("pair")
+                if not isinstance(pair, str):
+                    raise Refused("missing_field", "subscribed pair %s" % (shown(pair),))
+                self.expect_replay(pair)
             return
         if event == "error":
-            self.sink.exchange_error(str(msg.get("errorMessage", msg)))
+            self.sink.exchange_error(exchange_text(msg.get("errorMessage", msg)))
             return
         raise Refused("unknown_type", payload[:200])
 
 
 class Kraken(Exchange):
     name = "kraken"
+    default_ws_endpoint = "wss://ws.kraken.com"
+    default_rest_endpoint = "https://api.kraken.com"
     channels = ("trade", "ticker")
     max_channels_per_connection = 200  # 100 pairs, two subscriptions each, per connection
     connect_rate = 1.0  # Kraken asks for reconnects to be spread out; one a second per IP is polite
@@ -242,10 +256,10 @@ class Kraken(Exchange):
 def _rest_trade(sym: bytes, item) -> tuple:
     """``[price, volume, time, b/s, m/l, misc, trade_id]`` -> a TRADE_WIRE tuple with id 0."""
     if not isinstance(item, list):
-        raise Refused("missing_field", "trade %.100r" % (item,))
+        raise Refused("missing_field", "trade %s" % (shown(item),))
     side = SIDES.get(item[3]) if isinstance(item[3], str) else None
     if side is None:
-        raise Refused("missing_field", "side %.50r" % (item[3],))
+        raise Refused("missing_field", "side %s" % (shown(item[3]),))
     sec, nanos = micro_seconds_float(item[2])
     return (sym, 0, sec, nanos, price(item[0]), size(item[1]), side, rec.ZERO_ID, rec.ZERO_ID)
 

@@ -1,6 +1,6 @@
 """OKX v5 public WebSocket: channels ``tickers`` and ``trades`` per instrument.
 
-Facts this module encodes (docs/exchange-protocols.md, OKX section):
+Facts this module encodes (docs/PROTOCOLS.md, "OKX"):
 
 * subscribe with ``{"op":"subscribe","args":[{"channel":..,"instId":..},..]}``;
   the args of one request must stay under 64 KB (we send SUBSCRIBE_CHUNK args
@@ -16,6 +16,21 @@ Facts this module encodes (docs/exchange-protocols.md, OKX section):
   right after a subscribe the server pushes the latest trade (the capture
   shows one 25 s old), so the first ``trades`` frame of an instrument on a
   connection is passed as a snapshot (stored only if newer than what we have);
+* merged fills: the ``trades`` channel may send the fills of one taker order
+  as ONE row, with ``tradeId`` the id of the last fill and ``count`` = n: the
+  row stands for the ids ``tradeId - n + 1`` .. ``tradeId``, ``sz`` is their
+  total and ``px`` the last fill's price. REST history and the ``trades-all``
+  channel list the same fills one by one. We never store such a row (it
+  would be one trade where the exchange has n, and would add its volume a
+  second time once the fills come from REST): it is refused and counted as
+  ``merged``. Nothing else is needed: the ids it stands for are missing from
+  the stored ones, so the next trade we store is an id jump, and the writer's
+  gap backfill (mdlogger/gaps.py) fetches every fill, ``tradeId`` included,
+  from REST. Until a later trade arrives those fills are simply not stored
+  yet. A row with ``count`` 1, or without ``count`` (older frames), is one
+  fill and stored as usual; a ``count`` that is not a positive integer (an
+  int or a string of digits) is refused as ``missing_field``. ``seqId``
+  (newer frames) is not used: ids are checked by the writer, not here;
 * errors ``{"event":"error","code":"600xx","msg":..}`` (60018: the channel or
   instrument does not exist) and the notice ``64008`` sent before a service
   upgrade closes the connection;
@@ -53,6 +68,8 @@ from .base import (
     optional_price,
     optional_size,
     price,
+    exchange_text,
+    shown,
     size,
     trade_id,
 )
@@ -109,25 +126,27 @@ class OkxSession(Session):
 
     def _trade_fields(self, d) -> tuple:
         if not isinstance(d, dict):
-            raise Refused("unknown_type", repr(d)[:200])
+            raise Refused("unknown_type", shown(d))
         try:
             sym = self.symbol(d["instId"])
             tid = trade_id(d["tradeId"])
             sec, nanos = millis(d["ts"])
             px = price(d["px"])
             qty = size(d["sz"])
-            side = SIDES.get(d["side"])
+            side = d["side"]
         except KeyError as exc:
             raise Refused("missing_field", "trade without %s" % (exc,)) from None
-        except TypeError:  # an unhashable side
-            raise Refused("missing_field", repr(d)[:200]) from None
+        side = SIDES.get(side) if type(side) is str else None  # (a list would not even hash)
         if side is None:
-            raise Refused("missing_field", "side=%r" % (d["side"],))
+            raise Refused("missing_field", "side=%s" % (shown(d["side"]),))
+        fills = fill_count(d["count"]) if "count" in d else 1
+        if fills > 1:  # fetched fill by fill from REST by the writer's gap backfill (module docstring)
+            raise Refused("merged", "tradeId %d stands for %d fills" % (tid, fills))
         return sym, tid, sec, nanos, px, qty, side
 
     def _ticker(self, d) -> None:
         if not isinstance(d, dict):
-            raise Refused("unknown_type", repr(d)[:200])
+            raise Refused("unknown_type", shown(d))
         try:
             sym = self.symbol(d["instId"])
             sec, nanos = millis(d["ts"])
@@ -146,13 +165,14 @@ class OkxSession(Session):
         if event in ("subscribe", "unsubscribe"):
             return  # ack of one arg
         if event == "error":
-            text = "code %s: %s (connId %s)" % (msg.get("code"), msg.get("msg"), msg.get("connId"))
+            text = "code %s: %s (connId %s)" % (exchange_text(msg.get("code")), exchange_text(msg.get("msg")),
+                                                exchange_text(msg.get("connId")))
             self.sink.exchange_error(text, symbol=self._error_symbol(msg.get("msg")))
             return
         if event == "notice":
-            text = "code %s: %s" % (msg.get("code"), msg.get("msg"))
+            text = "code %s: %s" % (exchange_text(msg.get("code")), exchange_text(msg.get("msg")))
             self.sink.exchange_error(text)
-            if str(msg.get("code")) == "64008":
+            if msg.get("code") in ("64008", 64008):  # (not str(): a deeply nested value would not even print)
                 raise Rotate("OKX notice 64008: service upgrade")
             return
         raise Refused("unknown_type", payload[:200])
@@ -183,6 +203,8 @@ class Okx(Exchange):
     """
 
     name = "okx"
+    default_ws_endpoint = "wss://ws.okx.com:8443/ws/v5/public"
+    default_rest_endpoint = "https://www.okx.com"
     channels = ("tickers", "trades")
     max_channels_per_connection = 2 * 120
     connect_rate = 1.0  # the exchange allows 3/s per IP
@@ -278,6 +300,19 @@ class Okx(Exchange):
         ]
 
 
+def fill_count(value) -> int:
+    """A trades row's ``count``: how many fills it stands for (a positive int or a string of digits)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:  # (int() takes 4300 digits at most)
+        n = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        raise Refused("missing_field", "count=%s" % (shown(value),))
+    if n < 1:
+        raise Refused("missing_field", "count=%s" % (shown(value),))
+    return n
+
+
 def _rest_trade(sym: bytes, d: dict) -> tuple:
     """One history-trades row -> a TRADE_WIRE tuple (``side`` is the taker's)."""
     tid = trade_id(d["tradeId"])
@@ -286,5 +321,5 @@ def _rest_trade(sym: bytes, d: dict) -> tuple:
     qty = size(d["sz"])
     side = SIDES.get(d["side"]) if isinstance(d["side"], str) else None
     if side is None:
-        raise Refused("missing_field", "side=%.50r" % (d["side"],))
+        raise Refused("missing_field", "side=%s" % (shown(d["side"]),))
     return (sym, tid, sec, nanos, px, qty, side, rec.ZERO_ID, rec.ZERO_ID)

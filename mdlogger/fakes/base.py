@@ -137,10 +137,21 @@ class SlidingWindow:
 
 
 class FakeExchange(FakeServer):
+    # The exchange this fake speaks for: a subclass that sets it registers itself as that exchange's fake
+    # (mdlogger/exchanges/registry.py), found by ``fake_class(name)``.
     name = "fake"
     default_symbols: tuple[str, ...] = ("BTC-USDT", "ETH-USDT")
     ws_path = ""  # what follows host:port in the exchange's ws_endpoint setting
     batch_trades = False  # True: several trades made at once go out in one frame (frame_trade gets a list)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            # Imported here, not above: importing the adapters may import an extra exchange module
+            # (MDLOGGER_EXCHANGE_MODULES) that itself needs this module complete.
+            from ..exchanges import registry
+
+            registry.register_fake(cls)
 
     @property
     def ws_endpoint(self) -> str:

@@ -1,6 +1,6 @@
 """A loopback fake of Binance spot: REST exchangeInfo and historicalTrades, and the combined WebSocket stream.
 
-Speaks the real protocol (docs/exchange-protocols.md, Binance section):
+Speaks the real protocol (docs/PROTOCOLS.md, "Binance spot"):
 
 * REST ``GET /api/v3/exchangeInfo`` (weight 20) in the real shape, built from
   ``symbols`` plus one BREAK and one HALT symbol.

@@ -9,7 +9,8 @@ every live trade as ``te`` followed shortly by ``tu``; tickers every second;
 are not consecutive (0-3 ids skipped at random between a pair's trades);
 times in ms; in steady mode a trade is now and then a sweep of 2-3 trades
 with the same MTS (``sweep_prob``). Symbols map to pairs as the exchange
-spells them (``BTC-USDT`` -> ``BTCUST``, long codes with a colon).
+spells them (``BTC-USDT`` -> ``BTCUST``, long codes with a colon). Protocol
+notes: docs/PROTOCOLS.md, "Bitfinex".
 
 REST ``GET /v2/trades/{tBTCUSD}/hist?start=&end=&limit=&sort=`` from the
 made trade history: rows ``[ID, MTS, AMOUNT, PRICE]``; ``start``/``end``

@@ -5,10 +5,12 @@ is disconnected; a subscribe is acked with ``subscriptions``; right after it
 the server sends one ``ticker`` and one ``last_match`` per product (the
 latest trade made, even while nobody listened); ``match`` messages carry
 consecutive ``trade_id`` per product, the MAKER's ``side``, real UUID order
-ids and microsecond times; each ``ticker`` follows its match (same
-``trade_id`` and ``sequence``, ``side`` the taker's); ``heartbeat`` per
-product per ``heartbeat_interval`` when subscribed; unknown products get the
-real error.
+ids and microsecond times; a ``ticker`` repeats the latest match (same
+``trade_id`` and ``sequence``, ``side`` the taker's), sent once a second per
+subscribed product in steady mode (or by ``push_ticker``), not after every
+match as the real feed does; ``heartbeat`` per product per
+``heartbeat_interval`` when subscribed; unknown products get the real error.
+Protocol notes: docs/PROTOCOLS.md, "Coinbase Exchange".
 
 REST ``GET /products/{product_id}/trades?limit=&after=&before=`` from the made
 trade history: newest first; ``limit`` default and maximum 1000 (outside

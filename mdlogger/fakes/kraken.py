@@ -9,7 +9,8 @@ every ``heartbeat_interval`` when nothing else was sent; ``ping``/``pong``
 with ``reqid``. Pairs use ``XBT``/``XDG`` wsnames. Trade times are whole
 microseconds; each pair keeps a consecutive internal trade id that WS v1
 never shows; in steady mode a trade is now and then a sweep of 2-3 trades
-with the same time (``sweep_prob``).
+with the same time (``sweep_prob``). Protocol notes: docs/PROTOCOLS.md,
+"Kraken (WebSocket v1)".
 
 REST ``GET /0/public/Trades?pair=XBTUSD&since=&count=`` from the made trade
 history: ``pair`` is the REST altname (or the AssetPairs key); ``count``

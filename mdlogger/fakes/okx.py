@@ -1,6 +1,6 @@
 """A loopback fake of OKX v5 public: REST instruments and trade history, and the ``/ws/v5/public`` WebSocket.
 
-Speaks the real protocol (docs/exchange-protocols.md, OKX section):
+Speaks the real protocol (docs/PROTOCOLS.md, "OKX"):
 ``{"op":"subscribe","args":[..]}`` acked per arg with ``{"event":"subscribe",..}``,
 error 60018 for an unknown channel or instId and 60012 for a request it cannot
 read; ``tickers`` every second and ``trades`` frames that sometimes carry 2-3
@@ -10,6 +10,16 @@ subscribe; the TEXT ``ping`` is answered with the TEXT ``pong``; a
 connection that was sent nothing for ``idle_close_secs`` and did not ping is
 closed with code 4004. Faults: :meth:`send_notice_64008` (service upgrade
 notice) and :meth:`send_error`.
+
+Merged fills (``merge_prob``, default 0): with that probability a steady-clock
+trade is a taker order filling 2-3 resting orders at once (one time, one side,
+consecutive ids), sent on the WebSocket as ONE row the way OKX's ``trades``
+channel may send it: ``tradeId`` the last fill's id, ``count`` the number of
+fills, ``sz`` their total, ``px`` the last fill's price (:meth:`push_merged`
+makes one on demand). The made history, and so REST and ``made_trades``, keeps
+the fills one by one; a subscribe snapshot whose latest trade is such a fill is
+the merged row. The fills are not marked delivered (no connection got them one
+by one); the merged rows sent live are recorded in ``sent_merged``.
 
 REST ``GET /api/v5/market/history-trades?instId=&type=&after=&before=&limit=``
 from the made trade history, wrapped ``{"code":"0","msg":"","data":[...]}``:
@@ -57,6 +67,14 @@ def fmt(x: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+def merged_row(fills: list) -> dict:
+    """The one ``trades`` row OKX sends for consecutive fills of one taker order (oldest first)."""
+    last = fills[-1]
+    return {"instId": last["instId"], "tradeId": last["tradeId"], "px": last["px"],
+            "sz": fmt(sum(float(f["sz"]) for f in fills)), "side": last["side"], "ts": last["ts"],
+            "count": str(len(fills))}
+
+
 class FakeOkx(FakeExchange):
     ws_path = PATH
     name = "okx"
@@ -67,13 +85,16 @@ class FakeOkx(FakeExchange):
                  multi_trade_prob: float = 0.3, seed: int = 1, port: int = 0, record: bool | None = None,
                  max_client_msgs_per_sec: float | None = None, ping_interval: float | None = None,
                  history_limit: int = 20, history_window: float = 2.0, trade_when_unsubscribed: bool = True,
-                 history_size: int = HISTORY_SIZE):
+                 history_size: int = HISTORY_SIZE, merge_prob: float = 0.0):
         # ping_interval: accepted for the common command line; OKX never pings (the client does)
         super().__init__(symbols, mode, rate, seed, port, record, max_client_msgs_per_sec,
                          trade_when_unsubscribed=trade_when_unsubscribed, history_size=history_size)
         self.history_limiter = SlidingWindow(history_limit, history_window)
         self.idle_close_secs = idle_close_secs
         self.multi_trade_prob = multi_trade_prob
+        self.merge_prob = merge_prob
+        self.sent_merged: list = []  # merged rows delivered live (see push_merged)
+        self._merged_last: dict[str, dict] = {}  # symbol -> its latest merged row (for subscribe snapshots)
         self.next_conn_id = 0xA4D3AE55
 
     # -- REST ----------------------------------------------------------------------------
@@ -217,7 +238,13 @@ class FakeOkx(FakeExchange):
 
     def on_subscribed(self, conn: WsConn, st: SymbolState, channel: str) -> None:
         """OKX pushes the latest trade of an instrument right after a trades subscribe."""
-        if st.history and self.send(conn, self._trades_frame(st, [st.history[-1]])):
+        if not st.history:
+            return
+        merged = self._merged_last.get(st.symbol)
+        if merged is not None and merged["tradeId"] == st.history[-1]["tradeId"]:
+            self.send(conn, self._trades_frame(st, [merged]))  # the latest trade is a merged row's last fill
+            return
+        if self.send(conn, self._trades_frame(st, [st.history[-1]])):
             self.snapshot_sent(st, [st.history[-1]])
 
     def _error(self, conn: WsConn, code: str, msg: str) -> None:
@@ -269,6 +296,32 @@ class FakeOkx(FakeExchange):
         if self.mode == "steady" and self.rng.random() < self.multi_trade_prob:
             n = self.rng.choice((2, 3))
         return self.push_trades(symbol, n, **fields)[-1]
+
+    def clock_trade(self, symbol: str) -> None:
+        """One trade of the steady clock: with ``merge_prob``, 2-3 fills sent as one merged row."""
+        if self.merge_prob and self.rng.random() < self.merge_prob:
+            self.push_merged(symbol, self.rng.choice((2, 3)))
+        else:
+            self.push_trade(symbol)
+
+    def push_merged(self, symbol: str, n: int, **fields) -> dict:
+        """Make ``n`` fills of one taker order (one time, one side) and send them as ONE ``trades`` row
+        (``tradeId`` the last fill's, ``count`` n, ``sz`` the total, ``px`` the last fill's price);
+        the history keeps the fills. Returns the merged row."""
+        st = self.symbols[symbol]
+        with self.lock:
+            self._frozen_ns = self.wall_ns()
+            try:
+                first = self.make_trade(st, **fields)
+                fills = [first] + [self.make_trade(st, **dict(fields, side=first["side"])) for _ in range(n - 1)]
+            finally:
+                self._frozen_ns = None
+            self._keep(st, fills)
+            row = merged_row(fills)
+            self._merged_last[symbol] = row
+            if self._deliver(st, row, self.frame_trade) and self.record:
+                self.sent_merged.append(row)
+        return row
 
     def _firehose_blob(self, conn: WsConn, states, per: int) -> bytes:
         conn.state["last_sent"] = time.monotonic() + 2.0  # the blob is resent for a while
