@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
-# Build stage: build a wheel of mdlogger and its dependencies.
+# Build stage: build a wheel of mdlogger and of its dependencies at the tested versions (constraints.txt).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY setup.py setup.cfg README.md ./
+COPY setup.py setup.cfg README.md constraints.txt ./
 COPY mdlogger ./mdlogger
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt . && cp constraints.txt /wheels/
 
 # Runtime stage: only the wheels, a non-root user, the data volume.
 FROM python:3.11-slim
@@ -12,7 +12,8 @@ RUN groupadd --system --gid 10001 mdlogger && useradd --system --uid 10001 --gid
     && mkdir -p /var/lib/mdlogger /etc/mdlogger \
     && chown mdlogger:mdlogger /var/lib/mdlogger
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/mdlogger-*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels -c /wheels/constraints.txt /wheels/mdlogger-*.whl \
+    && rm -rf /wheels
 COPY etc/logger.yaml /etc/mdlogger/logger.yaml
 ENV LOGGER_DATA_PATH=/var/lib/mdlogger \
     LOGGER_HEALTH_CHECK_HOST=0.0.0.0 \

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import records as rec
+from .backoff import Backoff
+from .logs import Throttle, escape
 from .storage import KIND_BY_TABLE, TableKey, iter_tables, read_columns, whole_rows
 
 log = logging.getLogger("mdlogger.analytics")
@@ -87,16 +89,33 @@ class Window:
         return {
             "start": self.start,
             "trades": self.count,
-            "vwap": self.notional / self.volume,
+            "vwap": ratio(self.notional, self.volume),
             "high": self.high,
             "low": self.low,
             "volume": self.volume,
             "buy_volume": self.buy_volume,
             "sell_volume": self.sell_volume,
-            "buy_sell_ratio": (self.buy_volume / self.sell_volume) if self.sell_volume else None,
+            "buy_sell_ratio": ratio(self.buy_volume, self.sell_volume),
             "large_trades": self.large_count,
             "large": list(self.large),
         }
+
+
+def ratio(a: float, b: float) -> float | None:
+    """``a / b``, or None when it has no meaning (``b`` zero, or either side not finite).
+
+    Every division of the figures goes through here: rows stored before values
+    were checked (a size of 1e-50 became 0.0 in float32) must not make a report fail.
+    """
+    if not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    q = a / b
+    return q if math.isfinite(q) else None
+
+
+def usable(price: float, size: float) -> bool:
+    """A row the figures can take: price and size finite and above zero (NaN fails too)."""
+    return 0.0 < price < math.inf and 0.0 < size < math.inf
 
 
 class SymbolStats:
@@ -127,7 +146,8 @@ class SymbolStats:
 class Analytics:
     def __init__(self, interval_secs: int = 60, large_notional: float = 0.0, large_median_multiple: float = 0.0,
                  per_symbol_notional: dict | None = None):
-        self.interval = int(interval_secs)
+        self.interval = max(1, int(interval_secs))
+        self.unusable_rows = 0  # rows left out of the figures: a price or size not finite and above zero
         self.large_notional = large_notional
         self.large_median_multiple = large_median_multiple
         self.per_symbol_notional = dict(per_symbol_notional or {})  # "exchange:SYMBOL" -> notional
@@ -157,13 +177,23 @@ class Analytics:
             if stats is None:
                 stats = self.symbols[key] = SymbolStats(self.interval)
             for sec, _nanos, price, size, side in rows:
-                self._add_one(key, stats, sec, price, size, side)
+                if usable(price, size):
+                    self._add_one(key, stats, sec, price, size, side)
+                else:
+                    self.unusable_rows += 1
 
     def add_columns(self, exchange: str, symbol: str, times, prices, sizes, sides) -> None:
         """Take trades as columns. When they all fall in the running interval and day and only
         the notional rule applies, the figures are updated with C-level loops; otherwise row by row."""
         if not prices:
             return
+        # (C-level checks of the common case; a NaN or inf makes a sum NaN or inf)
+        if not (min(prices) > 0.0 and min(sizes) > 0.0 and math.isfinite(sum(prices)) and math.isfinite(sum(sizes))):
+            keep = [i for i in range(len(prices)) if usable(prices[i], sizes[i])]
+            self.unusable_rows += len(prices) - len(keep)
+            if not keep:
+                return
+            times, prices, sizes, sides = ([col[i] for i in keep] for col in (times, prices, sizes, sides))
         key = (exchange, symbol)
         with self.lock:
             stats = self.symbols.get(key)
@@ -238,38 +268,79 @@ def format_table(rows) -> str:
     lines = ["%-10s %-14s %7s %14s %14s %14s %12s %12s %7s %5s" % (
         "exchange", "symbol", "trades", "vwap", "high", "low", "buy vol", "sell vol", "b/s", "large")]
     for exchange, symbol, f in rows:
-        ratio = f["buy_sell_ratio"]
-        lines.append("%-10s %-14s %7d %14.6g %14.6g %14.6g %12.6g %12.6g %7s %5d" % (
-            exchange, symbol, f["trades"], f["vwap"], f["high"], f["low"], f["buy_volume"], f["sell_volume"],
-            "-" if ratio is None else "%.2f" % ratio, f["large_trades"]))
+        bs = f["buy_sell_ratio"]
+        lines.append("%-10s %-14s %7d %14s %14s %14s %12s %12s %7s %5d" % (
+            exchange, symbol, f["trades"], _g(f["vwap"]), _g(f["high"]), _g(f["low"]), _g(f["buy_volume"]),
+            _g(f["sell_volume"]), "-" if bs is None else "%.2f" % bs, f["large_trades"]))
     return "\n".join(lines)
 
 
+def _g(x) -> str:
+    return "-" if x is None else "%.6g" % x
+
+
 class AnalyticsThread(threading.Thread):
-    """Reads new TRADES rows of today's files and feeds the engine; logs a table each interval."""
+    """Reads new TRADES rows of today's files and feeds the engine; logs a table each interval.
+
+    A pass never ends the thread: files that cannot be read are read again at
+    the next pass, after a capped backoff; rows the engine fails on are left
+    out (the same rows would fail again: the engine is a function of them) and
+    counted. Either way the failure is logged at most once a minute per kind,
+    with the count held back (an unexpected one with its traceback), and counted
+    in ``errors``. A thread that ends anyway (the supervisor's loop checks) is
+    replaced by one given this one's ``offsets``, so no row is counted twice.
+    """
 
     POLL_SECS = 1.0
+    MAX_RETRY_SECS = 60.0
 
-    def __init__(self, data_path: str, engine: Analytics, stop: threading.Event, clock=time.time):
+    def __init__(self, data_path: str, engine: Analytics, stop: threading.Event, clock=time.time,
+                 offsets: dict | None = None):
         super().__init__(name="analytics", daemon=True)
         self.data_path = data_path
         self.engine = engine
         self.stop_event = stop
         self.clock = clock
-        self.offsets: dict[TableKey, int] = {}
+        self.offsets: dict[TableKey, int] = dict(offsets or {})
         self.last_log = clock()
+        self.errors = 0  # failed passes and tables the engine failed on
+        self.skipped_rows = 0  # rows of those tables, left out of the figures
+        self._backoff = Backoff(self.POLL_SECS, self.MAX_RETRY_SECS)
+        self._lines = Throttle(60.0, 10)
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.POLL_SECS):
-            try:
-                self.poll()
-            except OSError as exc:
-                log.warning("analytics: cannot read the files: %s", exc)
-            if self.clock() - self.last_log >= self.engine.interval:
-                self.last_log = self.clock()
-                rows = self.engine.most_active(10)
-                if rows:
-                    log.info("most active symbols over the last %d s:\n%s", self.engine.interval, format_table(rows))
+        delay = self.POLL_SECS
+        while not self.stop_event.wait(delay):
+            delay = self.step()
+
+    def step(self) -> float:
+        """One pass (read new rows, log the table when due); returns the seconds to the next one."""
+        try:
+            self.poll()
+            self.log_table()
+        except OSError as exc:
+            return self._failed("cannot read the files: %s" % (exc,), exc, with_traceback=False)
+        except Exception as exc:  # noqa: BLE001 - the last resort: a pass never ends the thread
+            return self._failed("unexpected %s: %s" % (type(exc).__name__, exc), exc, with_traceback=True)
+        self._backoff.reset()
+        return self.POLL_SECS
+
+    def _failed(self, what: str, exc: BaseException, with_traceback: bool) -> float:
+        self.errors += 1
+        delay = self._backoff.next_delay()
+        said = self._lines.admit(type(exc).__name__)
+        if said is not None:
+            held = " (%d more like it in the last %.0f s)" % said if said[0] else ""
+            log.warning("analytics: %s%s; next try in %.1f s", escape(what), held, delay,
+                        exc_info=exc if with_traceback else None)
+        return delay
+
+    def log_table(self) -> None:
+        if self.clock() - self.last_log >= self.engine.interval:
+            self.last_log = self.clock()  # (first: a table that fails is not tried again at once)
+            rows = self.engine.most_active(10)
+            if rows:
+                log.info("most active symbols over the last %d s:\n%s", self.engine.interval, format_table(rows))
 
     def poll(self) -> int:
         """Read what was appended since the last poll; returns the rows taken."""
@@ -281,8 +352,13 @@ class AnalyticsThread(threading.Thread):
             rows = whole_rows(self.data_path, key)
             done = self.offsets.get(key, 0)
             if rows > done:
-                self.engine.add_columns(key.exchange, key.symbol,
-                                        *read_columns(self.data_path, key, FIGURE_COLUMNS, done, rows))
+                columns = read_columns(self.data_path, key, FIGURE_COLUMNS, done, rows)  # (OSError: read again)
+                try:
+                    self.engine.add_columns(key.exchange, key.symbol, *columns)
+                except Exception as exc:  # noqa: BLE001 - the same rows would fail again: leave them out
+                    self.skipped_rows += rows - done
+                    self._failed("%d rows of %s/%s left out: %s: %s" % (rows - done, key.exchange, key.symbol,
+                                                                        type(exc).__name__, exc), exc, True)
                 self.offsets[key] = rows
                 taken += rows - done
         return taken

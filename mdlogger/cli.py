@@ -1,10 +1,17 @@
 """``mdlogger-supervisor``: run the service, look at what it captured, try it on fakes.
 
     mdlogger-supervisor [--config PATH] [--debug] [run [--exchanges a,b]]
+    mdlogger-supervisor --version | -h
     mdlogger-supervisor dump EXCHANGE SYMBOL {MD|TRADES} YYYY-MM-DD
     mdlogger-supervisor gaps [--exchange X] YYYY-MM-DD   # the gap ledger of a day
     mdlogger-supervisor verify YYYY-MM-DD                # check a day's files (exit 1 on problems)
     mdlogger-supervisor demo            # the service on built-in simulated exchanges
+
+``--config`` is accepted before or after the command; without it the file
+is ``$MDLOGGER_CONFIG``, else ``etc/logger.yaml``, else
+``/etc/mdlogger/logger.yaml``. ``run`` needs one of them and at least one
+enabled exchange; the commands that read files (``dump``, ``gaps``,
+``verify``) or ask one named exchange (``symbols``, ``test``) need neither.
 
 Configuration errors print one line naming the file, the key and what was
 expected, and exit with status 2 before any process is started.
@@ -28,6 +35,7 @@ import tempfile
 import click
 import yaml
 
+from . import __version__
 from .settings import ConfigError, load_settings
 
 EXIT_CONFIG = 2
@@ -47,6 +55,7 @@ EXCHANGES, _REGISTRY_ERROR = _registered()
 
 
 def _config_path(path: str | None) -> str | None:
+    """--config, else $MDLOGGER_CONFIG, else the first of DEFAULT_CONFIGS that exists, else None."""
     if path is not None:
         return path
     env = os.environ.get("MDLOGGER_CONFIG")
@@ -56,6 +65,28 @@ def _config_path(path: str | None) -> str | None:
         if os.path.exists(candidate):
             return candidate
     return None
+
+
+def _required_config_path(path: str | None) -> str:
+    """:func:`_config_path`, or exit 2 saying where it looked."""
+    found = _config_path(path)
+    if found is None:
+        looked = ", ".join(os.path.abspath(c) for c in DEFAULT_CONFIGS)
+        click.echo("mdlogger-supervisor: no configuration file found (looked in %s); give --config PATH or set "
+                   "MDLOGGER_CONFIG" % looked, err=True)
+        sys.exit(EXIT_CONFIG)
+    return found
+
+
+def _set_config(ctx: click.Context, _param, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["config"] = value
+
+
+def config_option(command):
+    """``--config`` after the command name too (it wins over one given before)."""
+    return click.option("--config", type=str, default=None, expose_value=False, callback=_set_config,
+                        help="YAML configuration (may also come before the command).")(command)
 
 
 def _fail_config(exc: Exception) -> None:
@@ -73,12 +104,17 @@ def _exchange_overrides(exchanges: str | None) -> dict:
     return {"exchanges.%s.enabled" % x: (x in wanted) for x in EXCHANGES}
 
 
-@click.group(invoke_without_command=True)
-@click.option("--config", "config", type=str, default=None, help="YAML configuration (default: etc/logger.yaml, then /etc/mdlogger/logger.yaml).")
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", type=str, default=None,
+              help="YAML configuration (default: $MDLOGGER_CONFIG, else etc/logger.yaml, else /etc/mdlogger/logger.yaml).")
 @click.option("--debug", is_flag=True, help="Log at debug level.")
+@click.version_option(__version__, "--version", prog_name="mdlogger-supervisor", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, config: str | None, debug: bool) -> None:
-    """mdlogger: capture exchange trades and tickers into columnar files."""
+    """mdlogger: capture exchange trades and tickers into columnar files.
+
+    Without a command: run. `mdlogger-supervisor COMMAND -h` explains a command.
+    """
     if _REGISTRY_ERROR is not None:
         _fail_config(_REGISTRY_ERROR)
     ctx.ensure_object(dict)
@@ -92,6 +128,7 @@ def main(ctx: click.Context, config: str | None, debug: bool) -> None:
 @click.option("--exchanges", default=None, help="Comma-separated exchanges to run (others disabled).")
 @click.option("--data-path", default=None, help="Override logger.data_path.")
 @click.option("--health-port", type=int, default=None, help="Override logger.health_check_port.")
+@config_option
 @click.pass_context
 def run(ctx: click.Context, exchanges: str | None, data_path: str | None, health_port: int | None) -> None:
     """Run the supervisor (the default command)."""
@@ -101,7 +138,7 @@ def run(ctx: click.Context, exchanges: str | None, data_path: str | None, health
             overrides["logger.data_path"] = data_path
         if health_port is not None:
             overrides["logger.health_check_port"] = health_port
-        path = _config_path(ctx.obj["config"])
+        path = _required_config_path(ctx.obj["config"])
         settings = load_settings(path, os.environ, overrides)
     except ConfigError as exc:
         _fail_config(exc)
@@ -116,10 +153,13 @@ def _reloader(path: str | None, env, overrides: dict):
 
 
 def _run_supervisor(settings, debug: bool, reload_settings=None) -> int:
+    from setproctitle import setproctitle
+
     from .logs import configure_root
     from .notify import systemd_notifier
     from .supervisor import Supervisor
 
+    setproctitle("mdlogger: supervisor")  # what ps and top show (the children set their own)
     level = logging.DEBUG if debug else getattr(logging, settings.logger.log_level, logging.INFO)
     configure_root(level)
     supervisor = Supervisor(settings, log_level=level, reload_settings=reload_settings)
@@ -133,16 +173,13 @@ def _run_supervisor(settings, debug: bool, reload_settings=None) -> int:
 @click.argument("table", type=click.Choice(["MD", "TRADES"], case_sensitive=False))
 @click.argument("day")
 @click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
+@config_option
 @click.pass_context
 def dump(ctx: click.Context, exchange: str, symbol: str, table: str, day: str, data_path: str | None) -> None:
     """Print one table of one symbol and UTC day (YYYY-MM-DD) as CSV."""
     from .reader import dump_csv
 
-    if data_path is None:
-        try:
-            data_path = load_settings(_config_path(ctx.obj["config"]), os.environ, None, check_resources=False).logger.data_path
-        except ConfigError as exc:
-            _fail_config(exc)
+    data_path = _data_path_only(ctx, data_path, "dump")
     try:
         dump_csv(data_path, exchange, symbol.upper(), table.upper(), day, sys.stdout)
     except (FileNotFoundError, ValueError) as exc:
@@ -155,7 +192,8 @@ def _data_path_only(ctx: click.Context, data_path: str | None, command: str) -> 
     if data_path is None:
         path = _config_path(ctx.obj["config"])
         try:
-            data_path = load_settings(path, os.environ, None, check_resources=False).logger.data_path
+            data_path = load_settings(path, os.environ, None, check_resources=False,
+                                      require_enabled=False).logger.data_path
         except ConfigError:
             data_path = _raw_data_path(path)
     if not os.path.isdir(data_path):
@@ -217,6 +255,7 @@ def _aligned(rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
 @click.argument("day")
 @click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
 @click.option("--exchange", type=click.Choice(EXCHANGES), default=None, help="Only this exchange (default: all).")
+@config_option
 @click.pass_context
 def gaps_cmd(ctx: click.Context, day: str, data_path: str | None, exchange: str | None) -> None:
     """Print the gap ledger of one UTC day (YYYY-MM-DD): each gap's latest state."""
@@ -247,6 +286,7 @@ def gaps_cmd(ctx: click.Context, day: str, data_path: str | None, exchange: str 
 @main.command("verify")
 @click.argument("day")
 @click.option("--data-path", default=None, help="Data directory (default: logger.data_path of the config).")
+@config_option
 @click.pass_context
 def verify_cmd(ctx: click.Context, day: str, data_path: str | None) -> None:
     """Check every table of one UTC day (YYYY-MM-DD): whole rows, order, gaps in the ledger, the manifest."""
@@ -267,7 +307,8 @@ def verify_cmd(ctx: click.Context, day: str, data_path: str | None) -> None:
 
 def _exchange_settings(ctx: click.Context, exchange: str):
     try:
-        settings = load_settings(_config_path(ctx.obj["config"]), os.environ, None, check_resources=False)
+        settings = load_settings(_config_path(ctx.obj["config"]), os.environ, None, check_resources=False,
+                                 require_enabled=False)
     except ConfigError as exc:
         _fail_config(exc)
     return settings.exchange(exchange)
@@ -275,6 +316,7 @@ def _exchange_settings(ctx: click.Context, exchange: str):
 
 @main.command()
 @click.argument("exchange", type=click.Choice(EXCHANGES))
+@config_option
 @click.pass_context
 def symbols(ctx: click.Context, exchange: str) -> None:
     """Discover and print an exchange's symbols."""
@@ -294,6 +336,7 @@ def symbols(ctx: click.Context, exchange: str) -> None:
 @click.option("--symbols", "wanted", default=None, help="Comma-separated symbols (default: the first one or two configured).")
 @click.option("--count", default=10, show_default=True, help="Records to print.")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for them.")
+@config_option
 @click.pass_context
 def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: int, timeout: float) -> None:
     """Connect, subscribe to one or two symbols and print the first parsed records."""
@@ -325,7 +368,7 @@ def test_feed_cmd(ctx: click.Context, exchange: str, wanted: str | None, count: 
 @click.pass_context
 def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode: str, exchanges: str | None) -> None:
     """Run the service against built-in simulated exchanges on loopback."""
-    from .exchanges import fake_names
+    from .fakes import fake_names
 
     simulated = fake_names()
     names = [x.strip() for x in exchanges.split(",")] if exchanges else list(simulated)
@@ -334,13 +377,14 @@ def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode
         click.echo("mdlogger-supervisor demo: no simulated exchange named %s" % ", ".join(unknown), err=True)
         sys.exit(EXIT_CONFIG)
     fakes = {}
+    path = None  # the demo's configuration file: removed however the demo ends (SIGHUP re-reads it meanwhile)
     try:
         for name in names:
             fakes[name] = start_fake(name, mode=mode, rate=rate)
         config = demo_config(fakes, data_path, health_port)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="mdlogger-demo-", delete=False) as fh:
+        fd, path = tempfile.mkstemp(suffix=".yaml", prefix="mdlogger-demo-")
+        with os.fdopen(fd, "w") as fh:
             yaml.safe_dump(config, fh)
-            path = fh.name
         try:
             settings = load_settings(path, {}, None)
         except ConfigError as exc:
@@ -351,6 +395,11 @@ def demo(ctx: click.Context, data_path: str, health_port: int, rate: float, mode
     finally:
         for fake in fakes.values():
             fake.stop()
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
     sys.exit(code)
 
 

@@ -1,11 +1,30 @@
 """The ``/health`` document: a pure function of a published ``ServiceView`` and the time.
 
-``health_document(view, now)`` returns ``(HTTP code, document)``: 200 when the
-writer is starting or running and every enabled exchange has a shard running
-and receiving, 503 otherwise. It reads the view (see view.py) and the lock-free
-counter blocks it refers to, and nothing else; ``web.py`` serves it, and the
-status page (statuspage.py) and ``/metrics`` (metrics.py) reuse its pieces.
-It imports neither the web layer nor the supervisor.
+``health_document(view, now)`` returns ``(HTTP code, document)``. The
+document's ``status`` is ``ok``, or ``degraded`` with the ``reasons`` listed
+(:func:`health_reasons`); the code is 503 when one of the reasons means trades
+are being lost or not stored (``critical``), 200 otherwise:
+
+==========================  ========  ================================================
+reason                      HTTP      when
+==========================  ========  ================================================
+``writer_not_running``      503       the writer process is not starting or running
+``writer_not_writing``      503       rows wait and none was written for
+                                      ``stall_limit_secs`` (60 s, or 3 flush intervals)
+``exchange_not_receiving``  503       an enabled exchange has no shard running and
+                                      receiving (discovering, fatal, disconnected, silent)
+``writer_io_errors``        200       the writer's I/O errors grew in the last 5 minutes
+                                      (disk full: it keeps the rows in memory and retries)
+``symbols_refused``         200       a configured symbol is unknown or inactive on the
+                                      exchange, or the exchange refused a subscription
+==========================  ========  ================================================
+
+It reads the view (see view.py) and the lock-free counter blocks it refers
+to, and nothing else; ``web.py`` serves it, and the status page
+(statuspage.py) and ``/metrics`` (metrics.py) reuse its pieces. Lists that
+an exchange can make long (symbols it refused) show their first
+``LIST_SHOWN`` entries and a count. It imports neither the web layer nor the
+supervisor.
 """
 
 from __future__ import annotations
@@ -16,10 +35,28 @@ from .clock import clock_note, combine
 from .stats import gap_field
 from .view import ServiceView, SlotView
 
+LIST_SHOWN = 20  # entries of a list an exchange can make long shown on /health (with the whole count)
+IO_ERROR_RECENT_SECS = 300.0  # I/O errors this recent make the service "degraded"
+# Every reason /health can give, and whether it is critical (HTTP 503); /metrics has a gauge for each.
+REASONS = {
+    "writer_not_running": True,
+    "writer_not_writing": True,
+    "exchange_not_receiving": True,
+    "writer_io_errors": False,
+    "symbols_refused": False,
+}
+
+
+def first(items, n: int = LIST_SHOWN) -> list:
+    """The first ``n`` of ``items`` (a list on /health that an exchange could make long)."""
+    return list(items[:n])
+
 
 def shard_health(entry: SlotView, now: float, stall: float) -> dict:
     stats = entry.stats
     s = stats.as_dict()
+    refused = [x for x in entry.note.get().split(",") if x]
+    refused_count = max(len(refused), int(s.get("refused_symbols", 0)))  # (the note holds 2 KiB at most)
     last = s["last_message"]
     since_last = round(now - last, 3) if last else None
     connected = bool(s["connected"])
@@ -44,7 +81,8 @@ def shard_health(entry: SlotView, now: float, stall: float) -> dict:
         "parse_errors": int(s["parse_errors"]),
         "parse_errors_by_reason": stats.reasons(),
         "dropped_records": int(s["dropped_records"]),
-        "refused_symbols": [x for x in entry.note.get().split(",") if x],
+        "refused_symbols": first(refused),
+        "refused_symbols_count": refused_count,
         "clock": shard_clock(s),
     }
 
@@ -137,7 +175,6 @@ def health_document(view: ServiceView, now: float) -> tuple[int, dict]:
     ws = view.writer.stats.as_dict()
     writer = writer_health(view, now)
     exchanges = {}
-    healthy = writer["state"] in ("starting", "running")
     for x in view.exchanges:
         name = x.name
         mine = [s for s in shards if s["exchange"] == name]
@@ -150,24 +187,70 @@ def health_document(view: ServiceView, now: float) -> tuple[int, dict]:
         exchanges[name] = {
             "state": x.state,
             "error": x.error,
+            "down_since": _iso(x.down_since) if x.down_since else None,
+            "discovery_errors": x.discovery_errors,
+            "listing_skipped": dict(x.listing_skipped),
             "symbols": x.symbols,
             "uncovered_symbols": x.uncovered_symbols,
-            "refused_symbols": list(x.refused_symbols),
+            "refused_symbols": first(x.refused_symbols),
+            "refused_symbols_count": len(x.refused_symbols),
             "healthy": ok,
             "shards": len(mine),
             "shards_receiving": sum(1 for s in mine if s["receiving"]),
             "refused_by_reason": reasons,
-            "refused_by_exchange": refused,
+            "refused_by_exchange": first(refused),
+            "refused_by_exchange_count": sum(s["refused_symbols_count"] for s in mine),
             "gaps": exchange_gaps(ws, name, now),
             "clock": exchange_clock(view.slots_of(name), reasons.get("bad_time", 0)),
         }
-        healthy = healthy and ok
+    degraded = health_reasons(view, now, exchanges, writer)
+    critical = any(r["critical"] for r in degraded)
+    restarts = {t.name: t.restarts for t in view.threads}
     doc = {
-        "status": "ok" if healthy else "degraded",
+        "status": "degraded" if degraded else "ok",
+        "reasons": degraded,
         "uptime_seconds": round(now - view.started, 1),
         "pid": view.pid,
         "exchanges": exchanges,
         "shards": shards,
         "writer": writer,
+        "threads": {t.name: {"alive": t.alive, "restarts": t.restarts, "errors": t.errors} for t in view.threads},
+        "thread_restarts": sum(restarts.values()),
     }
-    return (200 if healthy else 503), doc
+    return (503 if critical else 200), doc
+
+
+def health_reasons(view: ServiceView, now: float, exchanges: dict, writer: dict) -> list[dict]:
+    """Why the service is degraded: ``[{"reason", "critical", "exchange"?, "detail"}]`` (see REASONS)."""
+    out = []
+
+    def add(reason: str, detail: str, exchange: str | None = None) -> None:
+        entry = {"reason": reason, "critical": REASONS[reason]}
+        if exchange is not None:
+            entry["exchange"] = exchange
+        entry["detail"] = detail
+        out.append(entry)
+
+    w = view.writer
+    if writer["state"] not in ("starting", "running"):
+        add("writer_not_running", "the writer is %s%s" % (writer["state"], ": " + w.reason if w.reason else ""))
+    elif w.stalled_since and now - w.stalled_since >= w.stall_limit_secs:
+        add("writer_not_writing", "%d rows waiting, none written for %.0f s" % (writer["pending_rows"],
+                                                                                 now - w.stalled_since))
+    if w.last_io_error and now - w.last_io_error < IO_ERROR_RECENT_SECS:
+        add("writer_io_errors", "%d I/O errors, the last %.0f s ago; %d rows held in memory" % (
+            writer["io_errors"], max(0.0, now - w.last_io_error), writer["pending_rows"]))
+    for name, x in exchanges.items():
+        if not x["healthy"]:
+            if x["state"] != "running":
+                why = x["state"] + (" since %s" % x["down_since"] if x["down_since"] else "")
+                why += (": " + x["error"]) if x["error"] else ""
+            else:
+                why = "%d of %d shards receiving" % (x["shards_receiving"], x["shards"])
+            add("exchange_not_receiving", why, name)
+        refused = x["refused_symbols_count"] + x["refused_by_exchange_count"]
+        if refused:
+            names = (x["refused_symbols"] + x["refused_by_exchange"])[:LIST_SHOWN]
+            add("symbols_refused", "%d configured symbols refused: %s%s" % (
+                refused, ", ".join(names), " ..." if refused > len(names) else ""), name)
+    return out

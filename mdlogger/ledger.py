@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, fields
 
 from .exchanges.registry import is_exchange
 from .records import date_to_day_string, day_string
+from .storage import make_dirs, open_created
 
 log = logging.getLogger("mdlogger.ledger")
 
 WHYS = ("reconnect", "restart", "writer_restart", "id_jump")
 FATES = ("pending", "filled", "empty", "unrecoverable")
-FILE_MODE = 0o640
 MAX_OPEN_FILES = 8  # (exchange, day) files kept open; older days are fsynced and closed
 
 
@@ -168,8 +168,8 @@ class GapLedger:
             self._files.move_to_end(key)
             return entry
         path = ledger_path(self.data_path, exchange, day)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        make_dirs(os.path.dirname(path))
+        fd = open_created(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         entry = [fd, False, _ends_torn(path)]
         self._files[key] = entry
         while len(self._files) > MAX_OPEN_FILES:

@@ -24,6 +24,7 @@ import os
 import select
 import sys
 import threading
+import time
 
 LINE_MAX = select.PIPE_BUF
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
@@ -37,6 +38,52 @@ def escape(text: str, limit: int = 300) -> str:
     """Text from outside (an exchange's error, a REST body) made safe for one log line."""
     text = str(text).translate(_CONTROL)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline becomes ``\\n``), uncut."""
+    return text.translate(_CONTROL)
+
+
+class Throttle:
+    """Which log lines to write when the same thing may happen thousands of times a minute.
+
+    ``admit(key)`` says whether a line about ``key`` may be written now: the
+    first time, then at most once per ``interval`` seconds, with the number of
+    lines held back meanwhile. Keys come from outside (an exchange's error text,
+    a symbol), so at most ``max_keys`` are tracked: once that many had a line
+    in the last ``interval``, every new key shares one key, ``OTHER``. So a
+    flood of distinct keys writes at most ``max_keys + 1`` lines per interval.
+    """
+
+    OTHER = "(other)"
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 20, clock=time.monotonic):
+        self.interval = interval
+        self.max_keys = max_keys
+        self.clock = clock
+        self._seen: dict = {}  # key -> [time of its last line, lines held back since]
+
+    def admit(self, key) -> tuple[int, float] | None:
+        """None: hold this line back (it is counted). Otherwise ``(lines held back since this
+        key's last line, seconds since it)``, ``(0, 0.0)`` the first time; write the line."""
+        now = self.clock()
+        entry = self._seen.get(key)
+        if entry is None and len(self._seen) >= self.max_keys:
+            for old in [k for k, (t, held) in self._seen.items() if not held and now - t >= self.interval]:
+                del self._seen[old]  # (nothing held back for it: nothing is lost)
+            if len(self._seen) >= self.max_keys:
+                key = self.OTHER
+                entry = self._seen.get(key)
+        if entry is None:
+            self._seen[key] = [now, 0]
+            return 0, 0.0
+        last, held = entry
+        if now - last < self.interval:
+            entry[1] = held + 1
+            return None
+        entry[0], entry[1] = now, 0
+        return held, now - last
 
 
 def configure_root(level: int) -> None:
@@ -61,7 +108,10 @@ class PipeHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            # A child's message is one line: control characters in text that came from outside
+            # (an exchange's error, a refused frame, a REST body) cannot forge another log line.
+            # Only a traceback, appended below, keeps its newlines.
+            message = one_line(record.getMessage())
             if record.exc_info:
                 message += "\n" + self.formatException(record.exc_info)
         except (TypeError, ValueError) as exc:
@@ -153,7 +203,7 @@ class LogReceiver(threading.Thread):
                 }
             )
         except (ValueError, KeyError, TypeError):
-            record = logging.makeLogRecord({"name": "mdlogger.child", "msg": line.decode("utf-8", "replace")})
+            record = logging.makeLogRecord({"name": "mdlogger.child", "msg": one_line(line.decode("utf-8", "replace"))})
         logger = logging.getLogger(record.name)
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)

@@ -16,7 +16,7 @@ import psutil
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .health import clock_figures, exchange_gaps
+from .health import REASONS, clock_figures, exchange_gaps, health_document
 from .view import ServiceView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -66,6 +66,49 @@ class ServiceCollector:
         yield from self._gaps(view, now)
         yield self._clock(view)
         yield self._memory(view)
+        yield from self._health(view, now)
+
+    def _health(self, view: ServiceView, now: float):
+        """The /health verdict: a gauge per degraded reason, the threads, discovery and refused symbols."""
+        _code, doc = health_document(view, now)
+        active: dict[str, int] = {}
+        for r in doc["reasons"]:
+            active[r["reason"]] = active.get(r["reason"], 0) + 1
+        degraded = GaugeMetricFamily("mdlogger_health_degraded",
+                                     "Conditions making /health degraded, by reason (critical ones answer 503)",
+                                     labels=["reason", "critical"])
+        for reason, critical in REASONS.items():
+            degraded.add_metric([reason, "true" if critical else "false"], active.get(reason, 0))
+        yield degraded
+        restarts = CounterMetricFamily("mdlogger_thread_restarts", "Supervisor threads found dead and started again",
+                                       labels=["thread"])
+        errors = CounterMetricFamily("mdlogger_thread_errors", "Failures a supervisor thread caught and retried",
+                                     labels=["thread"])
+        for t in view.threads:
+            restarts.add_metric([t.name], t.restarts)
+            errors.add_metric([t.name], t.errors)
+        yield restarts
+        yield errors
+        refused = GaugeMetricFamily("mdlogger_refused_symbols",
+                                    "Symbols not captured: refused at discovery (unknown or inactive configured "
+                                    "symbols) or by the exchange", labels=["exchange", "by"])
+        down = GaugeMetricFamily("mdlogger_exchange_down_seconds",
+                                 "Seconds an exchange has been discovering or fatal (0: it has shards)",
+                                 labels=["exchange"])
+        failures = CounterMetricFamily("mdlogger_discovery_errors", "Failed symbol discovery rounds",
+                                       labels=["exchange"])
+        skipped = GaugeMetricFamily("mdlogger_listing_skipped",
+                                    "Entries of the last symbol listing left out, by reason",
+                                    labels=["exchange", "reason"])
+        for x in view.exchanges:
+            e = doc["exchanges"][x.name]
+            refused.add_metric([x.name, "discovery"], e["refused_symbols_count"])
+            refused.add_metric([x.name, "exchange"], e["refused_by_exchange_count"])
+            down.add_metric([x.name], max(0.0, now - x.down_since) if x.down_since else 0.0)
+            failures.add_metric([x.name], x.discovery_errors)
+            for reason, n in x.listing_skipped:
+                skipped.add_metric([x.name, reason], n)
+        yield from (refused, down, failures, skipped)
 
     def _writer(self, view: ServiceView):
         w = view.writer.stats.as_dict()
@@ -75,6 +118,10 @@ class ServiceCollector:
         yield rows
         yield CounterMetricFamily("mdlogger_writer_written_bytes", "Bytes written to data files", value=w["bytes_written"])
         yield CounterMetricFamily("mdlogger_writer_io_errors", "Failed writes (retried)", value=w["io_errors"])
+        last = view.writer.last_io_error
+        yield GaugeMetricFamily("mdlogger_writer_seconds_since_io_error",
+                                "Seconds since the writer's I/O errors last grew (-1: not since the start)",
+                                value=max(0.0, self.now - last) if last else -1)
         yield CounterMetricFamily("mdlogger_writer_duplicate_trades", "Snapshot trades already stored",
                                   value=w["duplicates"])
         yield GaugeMetricFamily("mdlogger_writer_flush_duration_seconds", "Duration of the last flush",

@@ -21,6 +21,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from .backfill import rest_bucket
 from .backoff import Backoff
 from .exchanges import adapter_for
 from .exchanges.base import Exchange, SymbolInfo
+from .logs import Throttle, escape
 from .rest import RestClient, RestError
 
 log = logging.getLogger("mdlogger.supervisor")
@@ -79,13 +81,37 @@ class ExchangeStatus:
     generation: int = 0  # discovery results of an older generation (before a reload) are ignored
     replace_shards: bool = False  # the next plan replaces every shard instead of keeping unchanged ones
     discovery_stop: threading.Event = field(default_factory=threading.Event)
+    down_since: float = field(default_factory=time.time)  # wall clock since when it has no plan (0: it has)
+    discovery_errors: int = 0  # failed discovery rounds
+    listing_skipped: dict = field(default_factory=dict)  # the last listing's entries left out, by reason
+    thread: "DiscoveryThread | None" = None  # the current round's thread
+    thread_restarts: int = 0  # discovery threads found dead before giving an answer, and started again
 
     def discover(self, xsettings, results: queue.Queue, wake: Callable[[], None], data_path: str) -> None:
         """(Re)start the symbol discovery; earlier rounds' results become stale."""
         self.discovery_stop.set()
         self.discovery_stop = threading.Event()
         self.generation += 1
-        DiscoveryThread(xsettings, self.generation, results, wake, self.discovery_stop, data_path).start()
+        self._start(xsettings, results, wake, data_path)
+
+    def _start(self, xsettings, results, wake, data_path: str) -> None:
+        self.thread = DiscoveryThread(xsettings, self.generation, results, wake, self.discovery_stop, data_path)
+        self.thread.start()
+
+    def check_thread(self, xsettings, results: queue.Queue, wake: Callable[[], None], data_path: str) -> bool:
+        """Start the discovery again (same generation) when its thread ended without an answer.
+
+        The thread catches everything it can; this is for what it cannot (an error
+        raised by the logging of an error, MemoryError). Returns True when it restarted one.
+        """
+        thread = self.thread
+        if thread is None or thread.is_alive() or thread.answered or self.discovery_stop.is_set():
+            return False
+        self.thread_restarts += 1
+        log.error("%s: the discovery thread ended without an answer%s; starting it again", self.name,
+                  " (%s)" % thread.died_of if thread.died_of else "")
+        self._start(xsettings, results, wake, data_path)
+        return True
 
     def take(self, plan: ShardPlan, per_connection: int, max_connections: int) -> None:
         """Record (and log) a plan: refused and uncovered symbols, RUNNING or FATAL."""
@@ -100,12 +126,15 @@ class ExchangeStatus:
             )
         self.uncovered = [s.symbol for s in plan.uncovered]
         if not plan.shards:
+            if self.state is ExchangeState.RUNNING or not self.down_since:
+                self.down_since = time.time()
             self.state = ExchangeState.FATAL
             self.error = "no symbol to capture"
             log.error("%s: no valid symbol to capture; exchange disabled", self.name)
             return
         self.state = ExchangeState.RUNNING
         self.error = ""
+        self.down_since = 0.0
         self.symbols = plan.symbols
         log.info("%s: %d symbols in %d shards (%d kept running, %d started)", self.name, self.symbols,
                  len(plan.shards), len(plan.shards) - len(plan.start), len(plan.start))
@@ -124,7 +153,9 @@ def take_discoveries(results: queue.Queue, exchanges: dict[str, ExchangeStatus])
             continue  # the exchange was disabled or reconfigured since this discovery began
         if listed is None:
             status.error = error
+            status.discovery_errors += 1
         else:
+            status.listing_skipped = dict(getattr(listed, "skipped", None) or {})
             fresh.append((name, listed))
 
 
@@ -137,7 +168,16 @@ class DiscoveryThread(threading.Thread):
     """Fetch one exchange's symbols over REST, retrying until it works or we stop.
 
     Its calls draw on the exchange's shared REST bucket, like the writer's backfill.
+    Every round that fails, whatever the reason, is reported (one log line that says
+    its cause, and the error on /health) and retried after a capped, jittered backoff:
+    expected failures (the network, the exchange's answer) by name, anything else as
+    a last resort with its traceback, logged at most once a minute. The thread ends
+    only with an answer (``answered``) or when told to stop; if it ends otherwise,
+    ``died_of`` says why and the supervisor's loop starts another
+    (``ExchangeStatus.check_thread``).
     """
+
+    EXPECTED = (RestError, ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, OSError)
 
     def __init__(self, settings, generation: int, results: queue.Queue, wake, stop: threading.Event,
                  data_path: str):
@@ -148,30 +188,70 @@ class DiscoveryThread(threading.Thread):
         self.results = results
         self.wake = wake
         self.stop_event = stop
+        self.wait = stop.wait  # (tests give their own)
+        self.answered = False
+        self.died_of = ""
+        self.tracebacks = Throttle(60.0, 10)  # an unexpected failure's traceback: once a minute per kind
 
     def run(self) -> None:
-        adapter = adapter_for(self.xsettings)
-        bucket = rest_bucket(self.data_path, adapter)
-        rest = RestClient(timeout=self.xsettings.rest_timeout_secs, retries=self.xsettings.rest_retries,
-                          bucket=bucket, cost=adapter.history.discovery_cost)
+        try:
+            self._rounds()
+        except BaseException as exc:  # noqa: BLE001 - said here and by the loop, which starts another
+            self.died_of = "%s: %s" % (type(exc).__name__, escape(str(exc), 200))
+            try:
+                log.error("%s: the discovery thread failed: %s", self.xsettings.name, self.died_of, exc_info=exc)
+            except BaseException:  # noqa: BLE001 - the loop still sees died_of
+                pass
+
+    def _rounds(self) -> None:
+        name = self.xsettings.name
         backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
+        adapter = rest = bucket = None
         try:
             while not self.stop_event.is_set():
                 try:
+                    if rest is None:  # (inside the loop: a bucket file that cannot be opened is retried too)
+                        adapter = adapter_for(self.xsettings)
+                        bucket = rest_bucket(self.data_path, adapter)
+                        rest = RestClient(timeout=self.xsettings.rest_timeout_secs,
+                                          retries=self.xsettings.rest_retries, bucket=bucket,
+                                          cost=adapter.history.discovery_cost)
                     listed = adapter.discover(rest)
-                except (RestError, ValueError, TypeError, AttributeError) as exc:
-                    delay = backoff.next_delay()
-                    log.error("%s: symbol discovery failed: %s; retrying in %.1f s", self.xsettings.name, exc, delay)
-                    self.results.put((self.xsettings.name, self.generation, None, str(exc)))
-                    self.wake()
-                    self.stop_event.wait(delay)
+                except self.EXPECTED as exc:
+                    error = "%s" % escape(str(exc) or type(exc).__name__, 500)
+                    if not isinstance(exc, (RestError, ValueError)):
+                        error = "%s: %s" % (type(exc).__name__, error)
+                    self._failed(name, error, backoff.next_delay(), None)
                     continue
-                self.results.put((self.xsettings.name, self.generation, listed, ""))
+                except Exception as exc:  # noqa: BLE001 - the last resort: never a silent end
+                    error = "unexpected %s: %s" % (type(exc).__name__, escape(str(exc), 300))
+                    self._failed(name, error, backoff.next_delay(), exc)
+                    continue
+                skipped = getattr(listed, "summary", lambda: "")()
+                if skipped:
+                    log.warning("%s: symbol listing: %s", name, skipped)
+                self.answered = True
+                self.results.put((name, self.generation, listed, ""))
                 self.wake()
                 return
+            self.answered = True  # told to stop: no answer is wanted
         finally:
-            rest.close()
-            bucket.close()
+            for thing in (rest, bucket):
+                if thing is not None:
+                    try:
+                        thing.close()
+                    except Exception:  # noqa: BLE001 - closing must not hide what happened
+                        pass
+
+    def _failed(self, name: str, error: str, delay: float, exc: BaseException | None) -> None:
+        """One round failed: one log line with its cause, the error for /health, then wait."""
+        if exc is not None and self.tracebacks.admit(type(exc).__name__) is not None:
+            log.error("%s: symbol discovery failed: %s; retrying in %.1f s", name, error, delay, exc_info=exc)
+        else:
+            log.error("%s: symbol discovery failed: %s; retrying in %.1f s", name, error, delay)
+        self.results.put((name, self.generation, None, error))
+        self.wake()
+        self.wait(delay)
 
 
 # -- symbols and shards -----------------------------------------------------------------------
@@ -190,7 +270,8 @@ def resolve_symbols(adapter: Exchange, listed: Sequence[SymbolInfo], wanted: Seq
         return [s for s in listed if s.active], []
     chosen, problems, seen = [], [], set()
     for name in wanted:
-        info = by_norm.get(name) or by_name.get(name) or by_norm.get(name.upper())
+        # (upper-cased only when ASCII: "btc-usſd".upper() would match BTC-USSD)
+        info = by_norm.get(name) or by_name.get(name) or (by_norm.get(name.upper()) if name.isascii() else None)
         if info is None:
             problems.append((name, "unknown"))
         elif not info.active:

@@ -15,8 +15,10 @@ column reader (``storage.read_columns``).
 from __future__ import annotations
 
 import csv
+import math
 import mmap
 import os
+import struct
 import sys
 from typing import IO
 
@@ -165,6 +167,28 @@ def dump_csv(data_path: str, exchange: str, symbol: str, table: str, day: str, o
 def _fmt(value) -> str:
     if isinstance(value, bytes):
         return value.hex() if any(value) else ""
-    if isinstance(value, float):
-        return "nan" if value != value else repr(value)
+    if isinstance(value, float):  # every float column is a float32
+        return float32_text(value)
     return str(value)
+
+
+def float32_text(value: float) -> str:
+    """The shortest decimal that reads back as the same float32: 0.2104, not 0.21040000021457672.
+
+    ``value`` is a float32 widened to a Python float. Tries 1..9 significant
+    digits (9 always round-trips a float32) and prints the first that does,
+    as Python prints that decimal (``87014.55``, ``100000.0``, ``1e-05``).
+    """
+    if value != value:
+        return "nan"
+    if value in (math.inf, -math.inf):
+        return repr(value)
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        text = "%.*g" % (digits, value)
+        try:
+            if struct.pack("<f", float(text)) == packed:
+                return repr(float(text))
+        except OverflowError:  # rounded past the largest float32
+            continue
+    return repr(value)  # not reached for a float32

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 
 import requests
@@ -22,7 +23,37 @@ RETRY_STATUSES = {429, 418, 500, 502, 503, 504}
 
 
 class RestError(Exception):
-    """A REST call failed after its retries."""
+    """A REST call failed after its retries; ``cause`` is what went wrong last, in the words of
+    the library that saw it (``Failed to resolve 'api.binance.com' ...``), or ""."""
+
+    def __init__(self, message: str, cause: str = ""):
+        super().__init__("%s: %s" % (message, cause) if cause else message)
+        self.cause = cause
+
+
+# requests words a failure as "HTTPSConnectionPool(host=..., port=443): Max retries exceeded with url: ...
+# (Caused by NameResolutionError("HTTPSConnection(host=..., port=443): Failed to resolve 'api.binance.com'
+# (...)"))": the cause is the innermost part, after the name of the connection it happened on.
+_CONNECTION_PREFIX = re.compile(r"^(?:<[^<>]*>|[A-Za-z]+\([^()]*\)): ")
+
+
+def cause_of(exc: BaseException) -> str:
+    """The underlying reason of a requests exception, one escaped line (the urllib3 reason
+    when there is one: a name that does not resolve, a refused connection, a read timeout)."""
+    reason = exc
+    for _ in range(4):  # requests.ConnectionError(MaxRetryError(reason=NameResolutionError(...)))
+        inner = getattr(reason, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = reason.args[0] if reason.args and isinstance(reason.args[0], BaseException) else None
+        if inner is None:
+            break
+        reason = inner
+    try:
+        text = str(reason)
+    except Exception:  # noqa: BLE001 - a message must never be what fails
+        text = ""
+    text = _CONNECTION_PREFIX.sub("", text) or type(reason).__name__
+    return escape(text, 200)
 
 
 class RestClient:
@@ -46,20 +77,21 @@ class RestClient:
             try:
                 resp = self.session.get(url, params=params, timeout=self.timeout, stream=True)
             except (requests.ConnectionError, requests.Timeout) as exc:
-                problem, wait = "%s" % (exc.__class__.__name__,), None
+                problem, wait, cause = "%s" % (exc.__class__.__name__,), None, cause_of(exc)
             else:
                 if resp.status_code == 200:
                     return _json_body(resp, url)
                 if resp.status_code not in RETRY_STATUSES:
                     text = resp.raw.read(200, decode_content=True).decode("utf-8", "replace")
                     raise RestError("GET %s: HTTP %d: %s" % (url, resp.status_code, escape(text)))
-                problem, wait = "HTTP %d" % resp.status_code, _retry_after(resp)
+                problem, wait, cause = "HTTP %d" % resp.status_code, _retry_after(resp), ""
                 if wait is not None and self.bucket is not None and resp.status_code in (418, 429):
                     self.bucket.pause(wait)  # every process of this exchange waits, not only this one
                 if resp.status_code == 418:
                     log.error("GET %s: HTTP 418, this IP is banned for now; waiting %s s", url, wait)
             if attempt >= self.retries:
-                raise RestError("GET %s: %s after %d attempts" % (url, problem, attempt + 1))
+                # the cause is said once, here: the retries' warnings only name the problem
+                raise RestError("GET %s: %s after %d attempts" % (url, problem, attempt + 1), cause)
             if wait is None:
                 wait = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
             log.warning("GET %s: %s; retrying in %.1f s", url, problem, wait)

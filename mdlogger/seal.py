@@ -19,10 +19,10 @@ import struct
 import tempfile
 import time
 
-from .ledger import FILE_MODE, iso_nanos, normalize_day, read_gaps
+from .ledger import iso_nanos, normalize_day, read_gaps
 from .exchanges.registry import is_exchange
 from .records import COLUMNS, KIND_TRADES, day_index, day_string
-from .storage import TableKey, column_path, iter_tables
+from .storage import TableKey, column_path, file_mode, iter_tables, make_dirs
 
 MANIFEST_FORMAT = 1
 DEFAULT_GRACE_SECS = 600
@@ -142,11 +142,11 @@ def seal_day(data_path: str, exchange: str, day: str, now: float | None = None) 
     doc = build_manifest(data_path, exchange, day, now)
     data = (json.dumps(doc, indent=1, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(path), suffix=".tmp")
     try:
         try:
-            os.fchmod(fd, FILE_MODE)
+            os.fchmod(fd, file_mode())
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 - defined apart so the exchange registry can raise it
+
 
 
 def exchange_names() -> tuple[str, ...]:
@@ -37,16 +39,6 @@ def __getattr__(name: str):
     if name == "EXCHANGES":  # the registered names, read when asked (the older constant's name)
         return exchange_names()
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
-
-
-class ConfigError(Exception):
-    """A configuration problem, rendered as one line."""
-
-    def __init__(self, source: str, key: str, message: str):
-        super().__init__("%s: %s: %s" % (source, key, message))
-        self.source = source
-        self.key = key
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -91,6 +83,7 @@ class LoggerSettings:
     large_trade_notional: float = 0.0  # 0: off; a trade with price x size >= this is large
     large_trade_median_multiple: float = 0.0  # 0: off; a trade >= this x the recent median size is large
     seal_grace_secs: float = 600.0  # a UTC day is sealed this long after it ends
+    file_mode: int = 0o640  # data files, ledger, manifests; directories get x where r is set (0750)
 
 
 @dataclass(frozen=True)
@@ -139,6 +132,7 @@ LOGGER_RULES: dict[str, tuple[str, tuple | None]] = {
     "large_trade_notional": ("float", _NONNEG),
     "large_trade_median_multiple": ("float", _NONNEG),
     "seal_grace_secs": ("float", _NONNEG),
+    "file_mode": ("file_mode", None),
 }
 
 EXCHANGE_RULES: dict[str, tuple[str, tuple | None]] = {
@@ -168,6 +162,7 @@ _KIND_TEXT = {
     "ws_url": "a ws:// or wss:// URL with a host",
     "http_url": "an http:// or https:// URL with a host",
     "notional_map": "a mapping of symbol to a positive notional",
+    "file_mode": "a quoted octal file mode such as \"0640\" (owner rw; only r and w bits)",
 }
 
 
@@ -205,6 +200,8 @@ def _coerce(kind: str, value: Any, from_text: bool) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in value):
             raise ValueError
         return tuple(s.strip() for s in value)
+    if kind == "file_mode":
+        return _file_mode(value)
     if kind == "notional_map":
         if not isinstance(value, dict):
             raise ValueError
@@ -239,6 +236,26 @@ def _coerce_text(kind: str, text: str) -> Any:
             raise ValueError
         return _coerce(kind, {k.strip(): float(v) for k, v in pairs}, False)
     return _coerce(kind, text, False)
+
+
+def _file_mode(value: Any) -> int:
+    """``"0640"`` (or ``"640"``, ``"0o640"``) -> 0o640; ValueError for anything else.
+
+    Only text: YAML reads an unquoted 0640 as the integer 416 and 640 as 640,
+    which cannot be told from each other, so an integer is refused.
+    """
+    from .storage import check_file_mode
+
+    if not isinstance(value, str):
+        raise ValueError
+    text = value.strip()
+    if text[:2] in ("0o", "0O"):
+        text = text[2:]
+    if not 3 <= len(text) <= 4 or not all(c in "01234567" for c in text):
+        raise ValueError
+    mode = int(text, 8)
+    check_file_mode(mode)
+    return mode
 
 
 def _check_url(kind: str, value: str) -> None:
@@ -375,6 +392,9 @@ def _check_relations(settings: Settings, origin: dict) -> None:
             key = "exchanges.%s.max_reconnect_delay_secs" % x.name
             raise ConfigError(origin.get(key, settings.source), key,
                               "expected at least reconnect_delay_secs (%r), got %r" % (x.reconnect_delay_secs, x.max_reconnect_delay_secs))
+
+
+def _check_enabled(settings: Settings) -> None:
     if not settings.enabled_exchanges():
         raise ConfigError(settings.source, "exchanges", "expected at least one exchange with enabled: true, got none")
 
@@ -383,7 +403,7 @@ def _check_resources(settings: Settings, origin: dict) -> None:
     lg = settings.logger
     src = origin.get("logger.data_path", settings.source)
     try:
-        os.makedirs(lg.data_path, exist_ok=True)
+        _make_data_dir(lg.data_path, lg.file_mode)
         with tempfile.NamedTemporaryFile(dir=lg.data_path, prefix=".mdlogger-write-test-"):
             pass
     except OSError as exc:
@@ -400,9 +420,27 @@ def _check_resources(settings: Settings, origin: dict) -> None:
             sock.close()
 
 
+def _make_data_dir(path: str, file_mode: int) -> None:
+    """The data directory, if missing, with the directory mode of ``file_mode`` (existing ones are left alone)."""
+    from .storage import dir_mode_for
+
+    if os.path.isdir(path):
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.mkdir(path, dir_mode_for(file_mode))
+    except FileExistsError:
+        return
+    os.chmod(path, dir_mode_for(file_mode))
+
+
 def load_settings(path: str | None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None,
-                  check_resources: bool = True) -> Settings:
-    """Build the validated settings from defaults, file, environment and command line."""
+                  check_resources: bool = True, require_enabled: bool = True) -> Settings:
+    """Build the validated settings from defaults, file, environment and command line.
+
+    ``require_enabled``: at least one exchange must be enabled (what the service
+    needs; commands that only read files or ask one named exchange do not).
+    """
     env = os.environ if env is None else env
     logger, exchanges = _defaults()
     origin: dict[str, str] = {}
@@ -428,6 +466,8 @@ def load_settings(path: str | None, env: Mapping[str, str] | None = None, overri
         source=source,
     )
     _check_relations(settings, origin)
+    if require_enabled:
+        _check_enabled(settings)
     if check_resources:
         _check_resources(settings, origin)
     return settings

@@ -56,6 +56,9 @@ td.good { color: var(--good); }
 td.warn { color: var(--warn); }
 td.bad { color: var(--bad); }
 td.wrap { white-space: normal; max-width: 60em; }
+#reasons { margin: .5em 0; padding-left: 1.2em; }
+#reasons li.bad { color: var(--bad); }
+#reasons li.warn { color: var(--warn); }
 #stale { display: none; color: #fff; background: var(--bad); padding: .3em .8em; margin: .5em 0; }
 body.stale #stale { display: block; }
 """
@@ -193,7 +196,20 @@ def header_html(doc: dict, now: float) -> str:
         + '<span class="muted">pid %s</span>' % esc(doc["pid"])
         + '<span class="muted" id="updated">updated %s UTC</span>' % esc(fmt_clock(now))
         + "</header>"
+        + reasons_html(doc.get("reasons") or [])
     )
+
+
+def reasons_html(reasons: list) -> str:
+    """Why the service is degraded, one line each (red: /health answers 503)."""
+    if not reasons:
+        return ""
+    items = []
+    for r in reasons:
+        where = " (%s)" % r["exchange"] if r.get("exchange") else ""
+        items.append('<li class="%s">%s%s: %s</li>' % ("bad" if r.get("critical") else "warn", esc(r["reason"]),
+                                                         esc(where), esc(r.get("detail", ""))))
+    return '<ul id="reasons">' + "".join(items) + "</ul>"
 
 
 def shard_state_note(s: dict) -> tuple[str, str]:
@@ -206,7 +222,8 @@ def shard_state_note(s: dict) -> tuple[str, str]:
 def symbols_text(s: dict) -> str:
     text = str(s["symbols"])
     if s.get("refused_symbols"):
-        text += " (refused: %s)" % ", ".join(s["refused_symbols"])
+        more = s.get("refused_symbols_count", 0) - len(s["refused_symbols"])
+        text += " (refused: %s%s)" % (", ".join(s["refused_symbols"]), " +%d more" % more if more > 0 else "")
     return text
 
 
@@ -234,13 +251,16 @@ def shard_row(s: dict) -> str:
 
 
 def exchange_row(name: str, x: dict) -> str:
-    """An exchange without shards yet (discovering, or failed): one row saying why."""
+    """An exchange without shards yet (discovering, or failed): one row saying why (and since when)."""
+    note = x.get("error") or ""
+    if x.get("state") == "discovering" and x.get("down_since"):
+        note = "down since %s" % x["down_since"] + ("; " + note if note else "")
     return (
         '<tr class="exchange" data-exchange="%s">' % esc(name)
         + cell(name, "name")
         + cell(DASH)
         + cell(fmt_count(x.get("symbols") or 0))
-        + state_cell(x.get("state", "?"), x.get("error") or "")
+        + state_cell(x.get("state", "?"), note)
         + cell(DASH) * 4
         + cell("", "name")
         + "</tr>"

@@ -7,6 +7,11 @@ Layout (docs/FORMAT.md is the contract)::
 One file per column per UTC day; every column of a table holds the same
 number of rows, row i of each being the same event. Only the writer process
 opens files for writing; this module is shared with the reader.
+
+Modes: data files are created 0640 and directories 0750 (whatever the
+umask), or as ``logger.file_mode`` says: the writer calls
+:func:`set_file_mode` at its start; directories get x where the file mode has
+r (:func:`dir_mode_for`). The gap ledger and the manifests use the same modes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .records import (
 log = logging.getLogger("mdlogger.storage")
 
 KIND_BY_TABLE = {name: kind for kind, name in TABLE_NAMES.items()}
+DEFAULT_FILE_MODE = 0o640
 _FILE_RE = re.compile(r"^([a-z_]+)\.(\d{2}\.\d{2}\.\d{2})\.bin$")
 
 
@@ -54,6 +60,61 @@ def table_dir(data_path: str, exchange: str, symbol: str, kind: int) -> str:
     if not valid_symbol(symbol):
         raise ValueError("symbol %r may not be used in a path" % (symbol,))
     return os.path.join(data_path, exchange, symbol, TABLE_NAMES[kind])
+
+
+def dir_mode_for(file_mode: int) -> int:
+    """The directory mode for a file mode: x added wherever r is set (0640 -> 0750, 0644 -> 0755)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def check_file_mode(file_mode: int) -> None:
+    """ValueError unless ``file_mode`` is rw for the owner and has no bits beyond rw (no x, no setuid/sticky)."""
+    if not isinstance(file_mode, int) or file_mode & ~0o666 or file_mode & 0o600 != 0o600:
+        raise ValueError("file mode %r: expected read and write for the owner and no bits but r and w" % (file_mode,))
+
+
+_file_mode = DEFAULT_FILE_MODE
+
+
+def set_file_mode(file_mode: int) -> None:
+    """The mode of the data files, ledger and manifests this process creates from now on (its directories follow)."""
+    global _file_mode
+    check_file_mode(file_mode)
+    _file_mode = file_mode
+
+
+def file_mode() -> int:
+    return _file_mode
+
+
+def make_dirs(path: str) -> None:
+    """``os.makedirs`` with every directory it creates set to the directory mode, whatever the umask."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_dirs(parent)
+    try:
+        os.mkdir(path, dir_mode_for(_file_mode))
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    os.chmod(path, dir_mode_for(_file_mode))  # mkdir's mode is filtered by the umask
+
+
+def open_created(path: str, flags: int) -> int:
+    """``os.open(path, flags | O_CREAT)``; a file it creates gets the file mode, whatever the umask."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, _file_mode)
+    except FileExistsError:
+        return os.open(path, flags)
+    try:
+        os.fchmod(fd, _file_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def column_path(data_path: str, key: TableKey, column: Column) -> str:
@@ -221,12 +282,12 @@ class TableFiles:
         self.key = key
         self.columns = COLUMNS[key.kind]
         directory = table_dir(data_path, key.exchange, key.symbol, key.kind)
-        os.makedirs(directory, exist_ok=True)
+        make_dirs(directory)
         self.paths = [column_path(data_path, key, c) for c in self.columns]
         self.fds = []
         try:
             for path in self.paths:
-                self.fds.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+                self.fds.append(open_created(path, os.O_WRONLY | os.O_APPEND))
         except OSError:
             self.close()
             raise

@@ -33,6 +33,10 @@ One pass of the loop, and what flows where:
   when it stopped), start it when due, tick its state machine;
 * retired shards whose worker has ended: the writer reads their pipe dry
   (``remove``), then they are forgotten;
+* threads (analytics, log receiver, discovery): each catches and retries its
+  own failures; one that ended anyway is logged, counted (``thread_restarts``
+  on /health and /metrics) and started again; the writer's I/O error and
+  written-rows counters are watched for /health's "degraded" reasons;
 * publish a frozen ``ServiceView`` for the web thread (one reference swap).
 
 Every child gets its inputs as explicit arguments (settings, spec, pipe,
@@ -64,12 +68,13 @@ from .planning import ExchangeState, ExchangeStatus, free_shard_number, plan_sha
 from .reload import plan_reload
 from .settings import ConfigError, Settings
 from .stats import WRITER_FIELDS, Block
-from .view import ExchangeView, ServiceView, SlotView, WriterView
+from .view import ExchangeView, ServiceView, SlotView, ThreadView, WriterView
 from .worker import WorkerSpec
 
 log = logging.getLogger("mdlogger.supervisor")
 
 LOOP_SECS = 0.25
+WRITE_STALL_SECS = 60.0  # rows waiting this long (at least 3 flush intervals) with none written: not writing
 PRELOAD = ["mdlogger.worker", "mdlogger.writer", "websocket", "orjson"]
 
 
@@ -92,6 +97,15 @@ class Supervisor:
         self.health_server = None
         self.notify = None  # optional callable(state: str), e.g. sd_notify
         self._next_slot = 0
+        self.analytics_thread: AnalyticsThread | None = None
+        self.log_receiver: LogReceiver | None = None
+        self.thread_restarts = {"analytics": 0, "log-receiver": 0}  # (discovery: on each ExchangeStatus)
+        self.analytics_errors = 0  # failures caught by analytics threads that ended (the live one counts its own)
+        # what the loop saw of the writer's counters, for /health's "degraded" reasons
+        self._seen_io_errors = 0.0
+        self._seen_rows = 0.0
+        self.last_io_error = 0.0
+        self.write_stalled_since = 0.0
 
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.logger.restart_delay_secs, self.settings.logger.max_restart_delay_secs)
@@ -151,6 +165,8 @@ class Supervisor:
             for name, listed in take_discoveries(self.discovered, self.exchanges):
                 self._plan(name, listed, now)
             self._supervise(now)
+            self._check_threads()
+            self._watch_writer()
             self._publish_view()
             if not ready_sent and self._all_running():
                 ready_sent = True
@@ -173,6 +189,47 @@ class Supervisor:
             if child.due(now):
                 child.start(now, self.settings)
             child.tick(now, lg.healthy_run_secs)
+
+    def _check_threads(self) -> None:
+        """Start again any thread of ours that ended while the service runs (logged and counted).
+
+        Each thread catches and retries its own failures; this is for what it
+        cannot catch. A new analytics thread goes on from the old one's offsets.
+        """
+        if self.stopping:
+            return
+        old = self.analytics_thread
+        if old is not None and not old.is_alive():
+            self.thread_restarts["analytics"] += 1
+            self.analytics_errors += old.errors
+            log.error("the analytics thread ended; starting it again (restart %d)", self.thread_restarts["analytics"])
+            self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.stop_threads,
+                                                    offsets=old.offsets)
+            self.analytics_thread.start()
+        receiver = self.log_receiver
+        if receiver is not None and not receiver.is_alive():
+            self.thread_restarts["log-receiver"] += 1
+            self.log_receiver = LogReceiver(self.log_r)
+            self.log_receiver.start()
+            log.error("the log receiver thread ended; started it again (restart %d)",
+                      self.thread_restarts["log-receiver"])
+        for name, status in self.exchanges.items():
+            status.check_thread(self.settings.exchange(name), self.discovered, self.wake,
+                                self.settings.logger.data_path)
+
+    def _watch_writer(self) -> None:
+        """Note when the writer's I/O errors last grew, and since when rows wait without any written."""
+        stats = self.writer.stats
+        now = time.time()
+        io_errors, rows, pending = stats.get("io_errors"), stats.get("rows"), stats.get("pending_rows")
+        if io_errors != self._seen_io_errors:
+            self._seen_io_errors = io_errors
+            self.last_io_error = now
+        if rows != self._seen_rows or pending <= 0:
+            self._seen_rows = rows
+            self.write_stalled_since = 0.0
+        elif not self.write_stalled_since:
+            self.write_stalled_since = now
 
     def _notify(self, text: str) -> None:
         if self.notify is not None:
@@ -347,12 +404,28 @@ class Supervisor:
         exchanges = tuple(
             ExchangeView(name=name, state=x.state.value, error=x.error, symbols=x.symbols,
                          uncovered_symbols=len(x.uncovered),
-                         refused_symbols=tuple("%s (%s)" % p for p in x.problems))
+                         refused_symbols=tuple("%s (%s)" % p for p in x.problems),
+                         down_since=x.down_since if x.state is not ExchangeState.RUNNING else 0.0,
+                         discovery_errors=x.discovery_errors, listing_skipped=tuple(sorted(x.listing_skipped.items())))
             for name, x in self.exchanges.items()
         )
+        lg = self.settings.logger
         writer = WriterView(state=self.writer.state.value, restarts=self.writer.machine.restarts,
                             reason=self.writer.machine.reason,
-                            backlog_bytes=sum(w.backlog() for w in self.workers.values()), stats=self.writer.stats)
-        self.view = ServiceView(started=self.started, pid=os.getpid(),
-                                stall_timeout_secs=self.settings.logger.stall_timeout_secs,
-                                slots=slots, writer=writer, exchanges=exchanges)
+                            backlog_bytes=sum(w.backlog() for w in self.workers.values()), stats=self.writer.stats,
+                            last_io_error=self.last_io_error, stalled_since=self.write_stalled_since,
+                            stall_limit_secs=max(WRITE_STALL_SECS, 3 * lg.flush_interval_secs))
+        analytics = self.analytics_thread
+        threads = (
+            ThreadView("analytics", alive=analytics is not None and analytics.is_alive(),
+                       restarts=self.thread_restarts["analytics"],
+                       errors=self.analytics_errors + (analytics.errors if analytics is not None else 0)),
+            ThreadView("log-receiver", alive=self.log_receiver is not None and self.log_receiver.is_alive(),
+                       restarts=self.thread_restarts["log-receiver"], errors=0),
+            ThreadView("discovery", alive=any(x.thread is not None and x.thread.is_alive()
+                                              for x in self.exchanges.values()),
+                       restarts=sum(x.thread_restarts for x in self.exchanges.values()),
+                       errors=sum(x.discovery_errors for x in self.exchanges.values())),
+        )
+        self.view = ServiceView(started=self.started, pid=os.getpid(), stall_timeout_secs=lg.stall_timeout_secs,
+                                slots=slots, writer=writer, exchanges=exchanges, threads=threads)

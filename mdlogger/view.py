@@ -49,6 +49,9 @@ class WriterView:
     reason: str
     backlog_bytes: int  # bytes waiting in every slot pipe, not yet read by the writer
     stats: Block  # the writer's counters, gap counters per exchange included (live, lock-free)
+    last_io_error: float = 0.0  # wall clock when the supervisor last saw io_errors change (0: never)
+    stalled_since: float = 0.0  # wall clock since when rows wait and none was written (0: not stalled)
+    stall_limit_secs: float = 60.0  # stalled for this long: the writer is not writing (HTTP 503)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,19 @@ class ExchangeView:
     symbols: int  # symbols planned into shards
     uncovered_symbols: int  # symbols left out by the connection limits
     refused_symbols: tuple[str, ...]  # "SYMBOL (why)" for symbols refused at discovery
+    down_since: float = 0.0  # wall clock since when it has no shard plan: discovering or fatal (0: it has one)
+    discovery_errors: int = 0  # failed discovery rounds
+    listing_skipped: tuple[tuple[str, int], ...] = ()  # the last listing's entries left out, (reason, count)
+
+
+@dataclass(frozen=True)
+class ThreadView:
+    """A thread of the supervisor that its loop watches (analytics, log receiver, discovery)."""
+
+    name: str
+    alive: bool  # (discovery: a round is running; its thread ends with an answer)
+    restarts: int  # found dead and started again by the loop
+    errors: int  # failures it caught and retried (it lives on)
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,7 @@ class ServiceView:
     slots: tuple[SlotView, ...]
     writer: WriterView
     exchanges: tuple[ExchangeView, ...]  # enabled exchanges, in settings order
+    threads: tuple[ThreadView, ...] = ()
 
     def slots_of(self, exchange: str) -> tuple[SlotView, ...]:
         return tuple(s for s in self.slots if s.exchange == exchange)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import ssl
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import websocket
+from setproctitle import setproctitle
 
 from . import records as rec
 from .backoff import Backoff
@@ -46,7 +48,7 @@ from .clock import ClockSampler, clock_note
 from .exchanges import adapter_for
 from .exchanges.base import Pause, Reconnect, Refused, Rotate, Sink, SymbolInfo
 from .frames import PARSER_ERROR, PASS_THROUGH, ConnectionLost, failure_sample, other_frame, read_one
-from .logs import configure_child
+from .logs import Throttle, configure_child, escape
 from .rotation import OVERLAP_POLL_SECS, Link, rotate
 from .settings import Settings
 from .stats import DROP_REASONS, WORKER_FIELDS, Block, Note
@@ -62,6 +64,8 @@ RATE_WINDOW_SECS = 5.0  # the rate on /health is measured over this window
 SAMPLE_MAX = 300
 REFUSAL_LOG_SECS = 60.0  # refusals of one reason are logged at most this often, with their count
 MAX_REFUSED_SYMBOLS = 200  # symbols the exchange refused, remembered per worker (the note holds 2 KiB anyway)
+MAX_ERROR_KINDS = 20  # kinds of exchange error logged apart per REFUSAL_LOG_SECS (the rest: one line with a count)
+_DIGITS = re.compile(r"[0-9]+")
 CONNECT_BURST = 3.0  # connection attempts an exchange's shards may make at once from a full bucket
 RECONNECT_JITTER_SECS = 0.25  # after a connection that delivered data, the next attempt waits at most this
 CLOCK_SAMPLE_SECS = 0.01  # at most one clock-offset sample per this many seconds
@@ -143,11 +147,29 @@ class WorkerSink(Sink):
         self.stats.add("drop_exchange_error")
         self.stats.add("parse_errors")
         # (bounded: a feed naming thousands of symbols must not make each error cost a sort of them all)
+        # (shown on /health: BASE-QUOTE only)
+        symbol = symbol if isinstance(symbol, str) and rec.valid_symbol(symbol) else None
         if symbol and symbol not in self.refused_symbols and len(self.refused_symbols) < MAX_REFUSED_SYMBOLS:
             self.refused_symbols.add(symbol)
             self.stats.set("refused_symbols", len(self.refused_symbols))
             self.note.set(",".join(sorted(self.refused_symbols)))
-        log.error("%s: the exchange says: %s", self.label, text)
+        # One line per kind of error per REFUSAL_LOG_SECS, with the count held back (as refuse() does):
+        # the kind is the text without the symbol it names and without numbers (request ids), and
+        # the Throttle bounds how many kinds are told apart.
+        text = escape(text)
+        kind = _DIGITS.sub("#", text.replace(symbol, "*") if symbol else text)[:80]
+        lines = self.__dict__.get("_error_lines")
+        if lines is None:
+            lines = self._error_lines = Throttle(REFUSAL_LOG_SECS, MAX_ERROR_KINDS)
+        said = lines.admit(kind)
+        if said is None:
+            return
+        held, since = said
+        if held:
+            log.error("%s: the exchange says: %s (and %d more errors like it in the last %.0f s)",
+                      self.label, text, held, since)
+        else:
+            log.error("%s: the exchange says: %s", self.label, text)
 
 
 def _sample(value) -> str:
@@ -441,6 +463,7 @@ def worker_main(spec: WorkerSpec, settings: Settings, data_conn, stats_array, no
     wrapping the slot pipe and the shared log pipe (they carry the descriptors
     into the child); the worker writes raw frames and log lines to them.
     """
+    setproctitle("mdlogger: worker " + spec.label)  # what ps and top show
     configure_child(log_conn.fileno(), log_level, "worker-" + spec.label)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to act on
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -43,6 +43,8 @@ import socket
 import time
 from collections import OrderedDict
 
+from setproctitle import setproctitle
+
 from . import records as rec
 from . import seal
 from .backfill import Backfiller
@@ -53,7 +55,7 @@ from .ledger import Gap, GapLedger, read_gaps
 from .logs import configure_child
 from .settings import Settings
 from .stats import Block, gap_field, writer_fields
-from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all
+from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all, set_file_mode
 from .transport import FrameReader
 
 log = logging.getLogger("mdlogger.writer")
@@ -70,6 +72,8 @@ _MARK_COLUMNS = ("id", "time", "nanos", "price", "size", "side")
 
 def writer_main(settings: Settings, control: socket.socket, stats_array, log_conn, log_level: int) -> None:
     """Entry point of the writer process (arguments are explicit; nothing inherited)."""
+    setproctitle("mdlogger: writer")  # what ps and top show
+    set_file_mode(settings.logger.file_mode)  # data files, ledger and manifests (logger.file_mode)
     configure_child(log_conn.fileno(), log_level, "writer")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the supervisor decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # drained on command, after the workers stop

@@ -1,4 +1,4 @@
-"""Shared fixtures: adapters built from default settings, a permissive clock for old captures."""
+"""Shared fixtures; tests/ on sys.path, so test modules import what they share from ``helpers``."""
 
 from __future__ import annotations
 
@@ -9,21 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mdlogger.exchanges import adapter_for, base  # noqa: E402
-from mdlogger.exchanges.base import SymbolInfo  # noqa: E402
-from mdlogger.settings import load_settings  # noqa: E402
-
-
-def make_adapter(name: str):
-    """An exchange's adapter with its default settings."""
-    settings = load_settings(None, {}, {"exchanges.%s.enabled" % name: True}, check_resources=False)
-    return adapter_for(settings.exchange(name))
-
-
-def normalized_session(adapter, names, sink):
-    """A session for symbols given in the exchange's spelling (normalized by the adapter)."""
-    syms = [SymbolInfo(adapter.normalize(n), n, *adapter.normalize(n).split("-")) for n in names]
-    return adapter.new_session(syms, sink)
+from mdlogger.exchanges import base  # noqa: E402
 
 
 @pytest.fixture

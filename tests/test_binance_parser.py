@@ -10,29 +10,13 @@ from mdlogger.exchanges.base import Refused, SymbolInfo
 from mdlogger.exchanges.binance import Binance
 from mdlogger.settings import load_settings
 
-from captures_util import received_frames, rest_body
+from helpers import FakeRest, ListSink
+from helpers.captures import received_frames, rest_body
 
 # docs/PROTOCOLS.md, "Binance: WebSocket streams": Binance's documented trade example and a recorded
 # 24h ticker (published in tardis-node's tests).
 REAL_TRADE = '{"stream":"bnbbtc@trade","data":{"e":"trade","E":1672515782136,"s":"BNBBTC","t":12345,"p":"0.001","q":"100","T":1672515782136,"m":true,"M":true}}'
 REAL_TICKER = '{"stream":"dogebnb@ticker","data":{"e":"24hrTicker","E":1569805259092,"s":"DOGEBNB","c":"0.00014360","Q":"51135.00000000","b":"0.00014365","B":"7080.00000000","a":"0.00014498","A":"275033.00000000","o":"0.00014069","h":"0.00014550","l":"0.00013851","v":"20014582.00000000","n":514}}'
-
-
-class ListSink(base.Sink):
-    def __init__(self):
-        self.trades, self.tickers, self.errors = [], [], []
-
-    def trade(self, *args, snapshot=False):
-        self.trades.append(args + (True,) if snapshot else args)
-
-    def ticker(self, *args):
-        self.tickers.append(args)
-
-    def refuse(self, reason, sample):
-        raise AssertionError("sessions raise Refused; the worker counts")
-
-    def exchange_error(self, text, symbol=None):
-        self.errors.append(text)
 
 
 @pytest.fixture
@@ -47,10 +31,8 @@ def session_for(adapter, names):
     return adapter.new_session(syms, sink), sink
 
 
-@pytest.fixture(autouse=True)
-def old_times_allowed(monkeypatch):
-    # Captured and documented messages are years old; accept their times here.
-    monkeypatch.setattr(base, "MAX_PAST_SECS", 10 * 365 * 86400)
+# Captured and documented messages are years old: accept their times (conftest.py's old_times).
+pytestmark = pytest.mark.usefixtures("old_times")
 
 
 def test_real_trade_maps_every_field(adapter):
@@ -145,20 +127,8 @@ def test_server_shutdown_asks_for_reconnect(adapter):
         session.on_message(b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1770123456789}}', 0)
 
 
-class FakeRest:
-    """Answers an adapter's one REST call with a recorded body."""
-
-    def __init__(self, body, path="/api/v3/exchangeInfo"):
-        self.body = body
-        self.path = path
-
-    def get_json(self, url, params=None):
-        assert url.endswith(self.path), url
-        return orjson.loads(self.body)
-
-
 def test_discovery_from_the_real_exchange_info(adapter):
-    listed = adapter.discover(FakeRest(rest_body("BINANCE.0", "exchangeInfo")))
+    listed = adapter.discover(FakeRest(rest_body("BINANCE.0", "exchangeInfo"), "/api/v3/exchangeInfo"))
     raw = orjson.loads(rest_body("BINANCE.0", "exchangeInfo"))["symbols"]
     assert len(listed) == len(raw)
     eth = next(s for s in listed if s.exchange_name == "ETHBTC")

@@ -13,9 +13,8 @@ from mdlogger import records as rec
 from mdlogger.exchanges.base import Pause, Reconnect, Refused, SymbolInfo
 from mdlogger.fakes.bitfinex import FakeBitfinex
 
-from captures_util import received_frames, rest_body
-from conftest import make_adapter, normalized_session
-from test_binance_parser import FakeRest, ListSink
+from helpers import FakeRest, ListSink, make_adapter, normalized_session, wait_for
+from helpers.captures import received_frames, rest_body
 
 
 @pytest.fixture
@@ -140,26 +139,28 @@ def test_fake_speaks_the_protocol(adapter):
     with FakeBitfinex(symbols=["BTC-USD", "TESTBTC-TESTUSD"], mode="script", hb_interval=0.2) as fake:
         for _ in range(3):
             fake.push_trade("BTC-USD")
-        ws = websocket.create_connection(fake.ws_endpoint)
+        ws = websocket.create_connection(fake.ws_endpoint, timeout=5)
         assert json.loads(ws.recv())["event"] == "info"
         syms = [SymbolInfo("BTC-USD", "tBTCUSD", "BTC", "USD"), SymbolInfo("TESTBTC-TESTUSD", "tTESTBTC:TESTUSD", "TESTBTC", "TESTUSD")]
         for m in adapter.subscribe_messages(syms) + ['{"event":"subscribe","channel":"trades","symbol":"tNOPEUSD"}']:
             ws.send(m)
         s, sink = session(adapter, ["tBTCUSD", "tTESTBTC:TESTUSD"])
-        got_hb = False
-        deadline = time.time() + 5
-        while time.time() < deadline and not (sink.errors and len(sink.trades) >= 3 and got_hb):
-            text = ws.recv()
-            got_hb = got_hb or text.endswith(',"hb"]')
-            s.on_message(text.encode(), time.time_ns())
+        texts = []
+
+        def feed() -> str:
+            """Read one frame and hand it to the session."""
+            texts.append(ws.recv())
+            s.on_message(texts[-1].encode(), time.time_ns())
+            return texts[-1]
+
+        wait_for(lambda: feed() and sink.errors and len(sink.trades) >= 3
+                 and any(t.endswith(',"hb"]') for t in texts), timeout=5, interval=0,
+                 what="the refusal, the snapshot and a heartbeat")
         assert sink.errors == ["code 10001: subscribe: symbol invalid"]
         assert [t[1] for t in sink.trades] == [e["trade"][0] for e in fake.symbols["BTC-USD"].history]  # snapshot, oldest first
         assert all(t[-1] is True for t in sink.trades)
         fake.push_trade("TESTBTC-TESTUSD")
-        while len(sink.trades) < 4:
-            s.on_message(ws.recv().encode(), time.time_ns())
-        time.sleep(0.1)
-        ws.settimeout(0.5)
-        s.on_message(ws.recv().encode(), time.time_ns())  # the tu: not stored again
-        assert len(sink.trades) == 4 and sink.trades[3][0] == b"TESTBTC-TESTUSD"
+        wait_for(lambda: feed() and len(sink.trades) >= 4, timeout=5, interval=0, what="the live trade (te)")
+        wait_for(lambda: '"tu"' in feed(), timeout=5, interval=0, what="its update (tu)")
+        assert len(sink.trades) == 4 and sink.trades[3][0] == b"TESTBTC-TESTUSD"  # the tu was not stored again
         ws.close()

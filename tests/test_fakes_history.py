@@ -31,7 +31,7 @@ from mdlogger.fakes.coinbase import FakeCoinbase
 from mdlogger.fakes.kraken import FakeKraken, micros, wsname
 from mdlogger.fakes.okx import INSTRUMENTS, FakeOkx
 
-from service import wait_for
+from helpers import wait_for
 
 SYMBOL = {"binance": "BTC-USDT", "coinbase": "BTC-USD", "okx": "BTC-USDT", "bitfinex": "BTC-USD", "kraken": "BTC-USD"}
 EXCHANGES = sorted(SYMBOL)  # the fakes this module has expectations for (each found by fake_class)
@@ -253,7 +253,8 @@ def test_binance_after_retry_after_the_window_is_fresh():
             assert r.status_code == 200 and used <= 50
         assert r.status_code == 429 and used > 50
         refused_at, wait = fake.rest_log[-1][0], int(r.headers["Retry-After"])
-        time.sleep(max(0.0, refused_at + wait - time.monotonic()))  # a client honouring Retry-After
+        # a client honouring Retry-After: nothing until that many seconds after the refusal (the fake's clock)
+        wait_for(lambda: time.monotonic() >= refused_at + wait, timeout=wait + 5, what="Retry-After to run out")
         r = get(fake, "/api/v3/historicalTrades", symbol="BTCUSDT")
         assert r.status_code == 200 and r.headers["X-MBX-USED-WEIGHT-1M"] == "25"
         assert fake.violations == []
@@ -395,7 +396,8 @@ def test_bitfinex_block_ends():
     with FakeBitfinex(symbols=["BTC-USD"], mode="script", hist_limit=1, hist_window=3600, block_secs=0.2) as fake:
         assert get(fake, "/v2/trades/tBTCUSD/hist").status_code == 200
         assert get(fake, "/v2/trades/tBTCUSD/hist").status_code == 429
-        time.sleep(max(0.0, fake.rest_log[-1][0] + 0.2 - time.monotonic()))  # a client sitting the block out
+        blocked_at = fake.rest_log[-1][0]  # a client sitting the block out (0.2 s, the fake's clock)
+        wait_for(lambda: time.monotonic() >= blocked_at + 0.2, timeout=5, what="the block to end")
         assert get(fake, "/v2/conf/pub:list:pair:exchange").status_code == 200
         assert fake.violations == []
 

@@ -48,8 +48,8 @@ from mdlogger.exchanges import base, binance, bitfinex, coinbase, kraken, okx
 from mdlogger.exchanges.base import HistoryRows, Pause, Reconnect, Refused, Sink, SymbolInfo
 from mdlogger.stats import DROP_REASONS
 
-from captures_util import received_frames
-from conftest import make_adapter, normalized_session
+from helpers import make_adapter, normalized_session
+from helpers.captures import received_frames
 
 EXAMPLES = 300  # per exchange (about 1 s each); the whole file runs in under 10 s
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,

@@ -20,7 +20,7 @@ from mdlogger.exchanges import ADAPTERS, base
 from mdlogger.exchanges.base import HistoryRows, SymbolInfo, micro_seconds_float
 from mdlogger.history import HistoryClient, HistoryDeadline, HistoryError, retry_after
 
-from conftest import make_adapter
+from helpers import fake_settings, make_adapter
 
 Z = rec.ZERO_ID
 INFOS = {
@@ -414,15 +414,22 @@ def test_real_rate_limit_pauses_of_each_adapter():
     assert make_adapter("coinbase").limited(429, {"message": "x"}, {}) is None
 
 
-def test_binance_pauses_until_the_next_minute_past_80_percent_weight():
+def test_binance_pauses_until_the_next_minute_past_80_percent_weight(monkeypatch):
+    import types
+
+    from mdlogger.exchanges import binance
+
     ad = make_adapter("binance")
     assert ad.after_reply(CaseInsensitiveDict({"X-MBX-USED-WEIGHT-1M": "4799"})) is None
     assert ad.after_reply(CaseInsensitiveDict({})) is None
     assert ad.after_reply(CaseInsensitiveDict({"X-MBX-USED-WEIGHT-1M": "junk"})) is None
-    wait = ad.after_reply(CaseInsensitiveDict({"x-mbx-used-weight-1m": "4800"}))
-    assert 1.0 < wait <= 61.0
-    expected_end = time.time() + wait
-    assert expected_end % 60.0 >= 0.9 or expected_end % 60.0 < 1.1  # one second into the next minute
+    assert 1.0 < ad.after_reply(CaseInsensitiveDict({"x-mbx-used-weight-1m": "4800"})) <= 61.0
+    for into_the_minute in (17.25, 0.0, 59.5):
+        now = 60.0 * 28_333_333 + into_the_minute
+        monkeypatch.setattr(binance, "time", types.SimpleNamespace(time=lambda: now))
+        wait = ad.after_reply(CaseInsensitiveDict({"x-mbx-used-weight-1m": "4800"}))
+        assert wait == 60.0 - into_the_minute + 1.0
+        assert (now + wait) % 60.0 == 1.0  # one second into the next minute
 
 
 def test_after_reply_pause_reaches_the_bucket(bucket):
@@ -505,8 +512,7 @@ def test_a_deadline_during_paging_keeps_the_rows_fetched(bucket):
 
 # -- against the loopback fakes (mdlogger/fakes) ----------------------------------------------------------
 
-from mdlogger.exchanges import adapter_for, fake_class  # noqa: E402
-from mdlogger.settings import load_settings  # noqa: E402
+from mdlogger.fakes import fake_class  # noqa: E402
 
 FAKE_INFOS = {
     "binance": SymbolInfo("BTC-USDT", "BTCUSDT", "BTC", "USDT"),
@@ -542,8 +548,7 @@ def edge(name: str, e) -> tuple:
 
 
 def fake_adapter(name: str, fake, pause: float | None = None, monkeypatch=None):
-    settings = load_settings(None, {}, {"exchanges.%s.enabled" % name: True,
-                                        "exchanges.%s.rest_endpoint" % name: fake.url_http}, check_resources=False)
+    settings = fake_settings(fake)
     cls = ADAPTERS[name]
     spec = dataclasses.replace(cls.history, page_limit=PAGES[name],
                                default_pause=cls.history.default_pause if pause is None else pause)

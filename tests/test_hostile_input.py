@@ -17,14 +17,11 @@ import time
 import pytest
 
 from mdlogger import frames, worker
-from mdlogger import records as rec
 from mdlogger.exchanges.base import Pause, Reconnect, Refused, Rotate
 from mdlogger.reader import read_rows
 from mdlogger.stats import WORKER_FIELDS, Block
 
-from service import Service, fast_logger, wait_for
-from test_all_exchanges import SPECS, exchange_config, start_fakes, symbol_of
-from test_service import assert_tables_whole, today
+from helpers import SPECS, all_subscribed, assert_tables_whole, service, service_config, started_fakes, symbol_of, today, wait_for
 
 DEEP = "[" * 990 + "]" * 990  # a full repr of it raises RecursionError
 
@@ -91,15 +88,11 @@ def reasons_of(svc, exchange: str) -> dict:
 @pytest.mark.slow
 def test_hostile_frames_between_good_trades_are_counted_and_the_workers_live_on(tmp_path):
     names = sorted(HOSTILE)
-    fakes = start_fakes(names)
     data = os.path.join(str(tmp_path), "data")
-    config = {"logger": fast_logger(data),
-              "exchanges": {name: exchange_config(name, fake) for name, fake in fakes.items()}}
-    svc = Service(tmp_path, config)
-    try:
+    with started_fakes(names) as fakes, service(tmp_path, service_config(data, fakes.values())) as svc:
         svc.wait_all_connected(len(fakes), timeout=60)
         for name, fake in fakes.items():
-            wait_for(lambda: set(SPECS[name]["symbols"]) <= fake.subscribed("trades"), what="%s subscribed" % name)
+            wait_for(lambda: all_subscribed(fake), what="%s subscribed" % name)
         pids = svc.pids()
         want: dict = {name: {} for name in names}
         for _ in range(ROUNDS):
@@ -114,7 +107,7 @@ def test_hostile_frames_between_good_trades_are_counted_and_the_workers_live_on(
                 fake.push_trade(sym)
         sent = sum(len(f.sent_trades) for f in fakes.values())
         assert sent == len(names) * 2 * (ROUNDS + 1)
-        wait_for(lambda: svc.health()[1]["writer"]["rows_trades"] >= sent, timeout=30, what="the good trades written")
+        wait_for(lambda: svc.writer()["rows_trades"] >= sent, timeout=30, what="the good trades written")
         for name in names:
             wait_for(lambda: reasons_of(svc, name) == want[name], what="%s refusals counted by reason" % name)
         doc = svc.health()[1]
@@ -132,10 +125,6 @@ def test_hostile_frames_between_good_trades_are_counted_and_the_workers_live_on(
             for reason in ("unknown_type", "missing_field"):
                 lines = [ln for ln in log.splitlines() if "refused as %s" % reason in ln and name + "#0" in ln]
                 assert len(lines) <= (1 if want[name].get(reason) else 0) + 1, lines
-    finally:
-        svc.ensure_dead()
-        for fake in fakes.values():
-            fake.stop()
 
 
 # -- the safety net, in process -------------------------------------------------------------------------

@@ -13,9 +13,8 @@ from mdlogger import records as rec
 from mdlogger.exchanges.base import Pause, Refused, SymbolInfo
 from mdlogger.fakes.kraken import FakeKraken
 
-from captures_util import received_frames, rest_body
-from conftest import make_adapter, normalized_session
-from test_binance_parser import FakeRest, ListSink
+from helpers import FakeRest, ListSink, make_adapter, normalized_session, wait_for
+from helpers.captures import received_frames, rest_body
 
 
 @pytest.fixture
@@ -116,20 +115,25 @@ def test_fake_speaks_the_protocol(adapter):
     with FakeKraken(symbols=["BTC-USD", "DOGE-EUR"], mode="script", heartbeat_interval=0.2) as fake:
         for _ in range(3):
             fake.push_trade("BTC-USD")  # history for the replay
-        ws = websocket.create_connection(fake.ws_endpoint)
+        ws = websocket.create_connection(fake.ws_endpoint, timeout=5)
         assert json.loads(ws.recv())["event"] == "systemStatus"
         syms = [SymbolInfo("BTC-USD", "XBT/USD", "BTC", "USD"), SymbolInfo("DOGE-EUR", "XDG/EUR", "DOGE", "EUR")]
         for m in adapter.subscribe_messages(syms) + ['{"event":"subscribe","pair":["NOPE/USD"],"subscription":{"name":"trade"}}']:
             ws.send(m)
         s, sink = session(adapter, ["XBT/USD", "XDG/EUR"])
-        deadline = time.time() + 5
-        while time.time() < deadline and not (sink.errors and len(sink.trades) >= 3):
+
+        def feed() -> bool:
+            """Read one frame and hand it to the session."""
             s.on_message(ws.recv().encode(), time.time_ns())
+            return True
+
+        wait_for(lambda: feed() and sink.errors and len(sink.trades) >= 3, timeout=5, interval=0,
+                 what="the refusal and the replay")
         assert sink.errors and "NOPE/USD" in sink.errors[0]
         assert [t[-1] for t in sink.trades[:3]] == [True, True, True]  # the replay is a snapshot
         fake.push_trade("BTC-USD")
         fake.push_ticker("BTC-USD")
-        while len(sink.tickers) < 1 or len(sink.trades) < 4:
-            s.on_message(ws.recv().encode(), time.time_ns())
+        wait_for(lambda: feed() and sink.tickers and len(sink.trades) >= 4, timeout=5, interval=0,
+                 what="the live trade and ticker")
         assert sink.trades[3][0] == b"BTC-USD" and len(sink.trades[3]) == 7  # live after the replay
         ws.close()

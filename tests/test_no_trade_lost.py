@@ -2,7 +2,7 @@
 
 The fakes' markets trade whether or not anyone listens (as real ones do).
 Rows on disk are compared, byte for byte through the independent converters
-of tests/test_all_exchanges.py, with every trade each fake MADE: from the
+of tests/helpers/rows.py, with every trade each fake MADE: from the
 first trade stored to the last, nothing missing, nothing twice, in order.
 Trades missed while a connection was down come back from the fakes' REST
 trade history (Coinbase's without order ids: zero bytes).
@@ -20,9 +20,7 @@ from mdlogger import records as rec
 from mdlogger.ledger import read_gaps
 from mdlogger.reader import read_rows
 
-from service import Service, fast_logger, wait_for
-from test_all_exchanges import SPECS, exchange_config, start_fakes, symbol_of
-from test_service import assert_tables_whole, today
+from helpers import SPECS, assert_tables_whole, service, service_config, started_fakes, today, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +28,9 @@ NAMES = ["binance", "coinbase", "okx", "bitfinex", "kraken"]
 RATE = 10.0  # trades per second per symbol, every symbol of every fake
 
 
-def config_for(data, fakes, **extra):
-    return {
-        "logger": fast_logger(data, flush_interval_secs=0.05),
-        "exchanges": {name: exchange_config(name, fake, backfill_hold_secs=40.0, silence_timeout_secs=5.0, **extra)
-                      for name, fake in fakes.items()},
-    }
+def config_for(data, fakes):
+    return service_config(data, fakes.values(), logger={"flush_interval_secs": 0.05}, backfill_hold_secs=40.0,
+                          silence_timeout_secs=5.0)
 
 
 def made_rows(name, fake, sym):
@@ -88,12 +83,8 @@ def caught_up(svc, fakes, data, since: float) -> bool:
 
 
 def test_drops_and_an_outage_on_all_five_lose_nothing(tmp_path):
-    fakes = start_fakes(NAMES, mode="steady")
-    for fake in fakes.values():
-        fake.rate = RATE
     data = os.path.join(str(tmp_path), "data")
-    svc = Service(tmp_path, config_for(data, fakes))
-    try:
+    with started_fakes(NAMES, mode="steady", rate=RATE) as fakes, service(tmp_path, config_for(data, fakes)) as svc:
         svc.wait_all_connected(len(fakes), timeout=60)
         for fake in fakes.values():
             fake.drop_after(60)  # every connection is cut after 60 messages: every few seconds
@@ -119,40 +110,33 @@ def test_drops_and_an_outage_on_all_five_lose_nothing(tmp_path):
             assert sum(g["trades"] for g in gaps) > 0, "%s: nothing was backfilled" % name
             assert not fake.violations, "%s: %s" % (name, fake.violations[:3])
         assert_tables_whole(data)
-    finally:
-        svc.ensure_dead()
-        for fake in fakes.values():
-            fake.stop()
 
 
 def test_sigkill_of_writer_workers_and_whole_tree_loses_nothing(tmp_path):
     names = ["binance", "coinbase", "kraken"]
-    fakes = start_fakes(names, mode="steady")
-    for fake in fakes.values():
-        fake.rate = RATE
     data = os.path.join(str(tmp_path), "data")
-    config = config_for(data, fakes)
-    svc = Service(tmp_path, config)
-    try:
-        svc.wait_all_connected(len(fakes), timeout=60)
-        wait_for(lambda: svc.health()[1]["writer"]["rows_trades"] > 100, what="rows")
-        writer = svc.pids()["writer"]
-        os.kill(writer, signal.SIGKILL)
-        wait_for(lambda: (svc.health()[1]["writer"]["pid"] or writer) != writer, what="a new writer")
-        for name, pid in svc.pids().items():
-            if name != "writer":
-                os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: all(s["restarts"] >= 1 and s["connected"] for s in svc.shards()), timeout=60,
-                 what="workers restarted")
-        svc.kill_tree()
+    with started_fakes(names, mode="steady", rate=RATE) as fakes:
+        config = config_for(data, fakes)
+        with service(tmp_path, config) as svc:
+            svc.wait_all_connected(len(fakes), timeout=60)
+            wait_for(lambda: svc.writer()["rows_trades"] > 100, what="rows")
+            writer = svc.pids()["writer"]
+            os.kill(writer, signal.SIGKILL)
+            wait_for(lambda: (svc.writer()["pid"] or writer) != writer, what="a new writer")
+            for name, pid in svc.pids().items():
+                if name != "writer":
+                    os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: all(s["restarts"] >= 1 and s["connected"] for s in svc.shards()), timeout=60,
+                     what="workers restarted")
+            svc.kill_tree()
         made = {n: len(f.made_trades(SPECS[n]["symbols"][0])) for n, f in fakes.items()}
         wait_for(lambda: all(len(f.made_trades(SPECS[n]["symbols"][0])) >= made[n] + 20 for n, f in fakes.items()),
                  what="the market trading on while nothing runs")
-        svc = Service(_again(tmp_path), config)
-        svc.wait_all_connected(len(fakes), timeout=60)
-        end = time.time()
-        wait_for(lambda: caught_up(svc, fakes, data, end + 1.0), timeout=90, what="every gap filled")
-        assert svc.stop() == 0
+        with service(_again(tmp_path), config) as svc:
+            svc.wait_all_connected(len(fakes), timeout=60)
+            end = time.time()
+            wait_for(lambda: caught_up(svc, fakes, data, end + 1.0), timeout=90, what="every gap filled")
+            assert svc.stop() == 0
         for name, fake in fakes.items():
             for sym in SPECS[name]["symbols"]:
                 assert_every_made_trade_once(data, name, fake, sym, end)
@@ -160,10 +144,6 @@ def test_sigkill_of_writer_workers_and_whole_tree_loses_nothing(tmp_path):
             assert {"writer_restart", "restart"} & {g["why"] for g in gaps}, gaps
             assert all(g["fate"] in ("filled", "empty") for g in gaps), gaps
         assert_tables_whole(data)
-    finally:
-        svc.ensure_dead()
-        for fake in fakes.values():
-            fake.stop()
 
 
 def _again(tmp_path):

@@ -9,13 +9,14 @@ import pytest
 import websocket
 
 from mdlogger import records as rec
-from mdlogger.exchanges import base, okx
+from mdlogger.exchanges import okx
 from mdlogger.exchanges.base import Refused, Reconnect, SymbolInfo
 from mdlogger.exchanges.okx import Okx
 from mdlogger.fakes.okx import FakeOkx
 from mdlogger.settings import load_settings
 
-from captures_util import received_frames, rest_body
+from helpers import FakeRest, ListSink, okx_trade, service, service_config, today, wait_for
+from helpers.captures import received_frames, rest_body
 
 # Real messages (docs/PROTOCOLS.md, "OKX: WebSocket v5 public"): the recorded ticker, trade and ack;
 # the documented error and notice shapes.
@@ -28,21 +29,9 @@ ERROR_60018 = ('{"event":"error","code":"60018","msg":"Wrong URL or channel:trad
                'Please use the correct URL, channel and parameters referring to API document.","connId":"a4d3ae55"}')
 
 
-class ListSink(base.Sink):
-    def __init__(self):
-        self.trades, self.tickers, self.errors = [], [], []
-
-    def trade(self, *args, snapshot=False, **kw):
-        self.trades.append(args + (snapshot,))
-
-    def ticker(self, *args):
-        self.tickers.append(args)
-
-    def refuse(self, reason, sample):
-        raise AssertionError("sessions raise Refused; the worker counts")
-
-    def exchange_error(self, text, symbol=None):
-        self.errors.append((text, symbol))
+def okx_sink() -> ListSink:
+    """A sink whose trades all end with their snapshot flag and whose errors are ``(text, symbol)``."""
+    return ListSink(flag_every_trade=True, error_symbols=True)
 
 
 @pytest.fixture
@@ -53,14 +42,8 @@ def adapter():
 
 def session_for(adapter, names):
     syms = [SymbolInfo(s, e, s.split("-")[0], s.split("-")[1]) for s, e in names]
-    sink = ListSink()
+    sink = okx_sink()
     return adapter.new_session(syms, sink), sink
-
-
-@pytest.fixture
-def old_times_allowed(monkeypatch):
-    # Captured and documented messages are years old; accept their times here.
-    monkeypatch.setattr(base, "MAX_PAST_SECS", 10 * 365 * 86400)
 
 
 def now_ms():
@@ -79,7 +62,7 @@ def same(a, b):
 
 
 # -- real messages ----------------------------------------------------------------------------------
-def test_real_trade_and_ticker_map_every_field(adapter, old_times_allowed):
+def test_real_trade_and_ticker_map_every_field(adapter, old_times):
     session, sink = session_for(adapter, [("BTC-USDT", "BTC-USDT")])
     session.on_message(REAL_ACK.encode(), 0)
     session.on_message(REAL_TRADE.encode(), 0)
@@ -90,7 +73,7 @@ def test_real_trade_and_ticker_map_every_field(adapter, old_times_allowed):
     assert sink.tickers == [(b"BTC-USDT", 1652459224, 956000000, 30236.0, 0.0002, 0, 30228.6, 30228.7)]
 
 
-def test_captured_stream_replays(adapter, old_times_allowed):
+def test_captured_stream_replays(adapter, old_times):
     """Every tickers/trades item of the real recording stored exactly; books refused."""
     names = {"BTC-USDT": "BTC-USDT", "UNI-USD-SWAP": "UNI-USDSWAP", "BTC-USD-220527": "BTC-USD220527"}
     session, sink = session_for(adapter, [(v, k) for k, v in names.items()])
@@ -274,16 +257,6 @@ def test_malformed_messages(adapter, payload, reason):
 
 
 # -- discovery, subscribe --------------------------------------------------------------------------------
-class FakeRest:
-    def __init__(self, body):
-        self.body = body
-        self.calls = []
-
-    def get_json(self, url, params=None):
-        self.calls.append((url, params))
-        return orjson.loads(self.body) if isinstance(self.body, (str, bytes)) else self.body
-
-
 def test_discovery_from_the_real_instruments(adapter):
     body = rest_body("OKX.0", "instruments?instType=SPOT")
     rest = FakeRest(body)
@@ -339,13 +312,12 @@ def connect(fake):
 
 def recv_json(ws, want):
     """The next frame for which ``want(doc)`` holds (others skipped)."""
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
+    def matching():
         text = ws.recv()
         doc = text if text == "pong" else json.loads(text)
-        if want(doc):
-            return doc
-    raise AssertionError("nothing matching arrived")
+        return doc if want(doc) else None
+
+    return wait_for(matching, timeout=3, interval=0, what="a matching frame")
 
 
 def test_fake_rest_lists_a_suspended_instrument(adapter):
@@ -404,10 +376,15 @@ def test_fake_resubscribe_pushes_the_latest_trade():
 def test_fake_closes_an_idle_connection_unless_pinged():
     with FakeOkx(symbols=["BTC-USDT"], mode="idle", idle_close_secs=0.4) as fake:
         quiet, pinging = connect(fake), connect(fake)
-        for _ in range(6):
-            time.sleep(0.15)
+
+        def pinged_past_twice_the_idle_limit():
             pinging.send("ping")
             assert pinging.recv() == "pong"
+            conns = fake.open_connections()
+            return len(conns) == 1 and time.monotonic() - conns[0].opened > 2 * fake.idle_close_secs
+
+        wait_for(pinged_past_twice_the_idle_limit, timeout=10, interval=0.15,
+                 what="the quiet connection closed, the pinging one open for twice the idle limit")
         quiet.settimeout(1)
         frame = quiet.recv_frame()
         assert frame.opcode == websocket.ABNF.OPCODE_CLOSE and frame.data[:2] == (4004).to_bytes(2, "big")
@@ -420,20 +397,24 @@ def test_fake_steady_frames_end_to_end(adapter):
     with FakeOkx(symbols=["BTC-USDT", "ETH-BTC"], mode="steady", rate=200, multi_trade_prob=0.5) as fake:
         syms = adapter.discover(FakeRest(fake.instruments({"instType": "SPOT"})[1]))
         active = [s for s in syms if s.active]
-        sink = ListSink()
+        sink = okx_sink()
         session = adapter.new_session(active, sink)
         ws = connect(fake)
         for text in adapter.subscribe_messages(active):
             ws.send(text)
         ws.settimeout(3)
         multi = 0
-        deadline = time.monotonic() + 1.3
-        while time.monotonic() < deadline or not fake.sent_tickers:
+
+        def enough():
+            nonlocal multi
             text = ws.recv()
             multi += text.count('"tradeId"') > 1
             session.on_message(text.encode(), time.time_ns())
+            return multi > 0 and len(sink.trades) > 50 and sink.tickers
+
+        wait_for(enough, timeout=10, interval=0, what="a frame of several trades, 50 trades and a ticker")
         ws.close()
-        time.sleep(0.05)
+        wait_for(lambda: not fake.open_connections(), timeout=5, what="the fake to see the close (no more sends)")
     assert multi > 0
     with fake.lock:
         sent_trades, sent_tickers = list(fake.sent_trades), list(fake.sent_tickers)
@@ -565,7 +546,7 @@ def test_fake_steady_merges_fills_with_merge_prob(adapter):
     """Every frame of a steady fake with merge_prob: merged rows refused, the others stored, each as made."""
     with FakeOkx(symbols=["BTC-USDT", "ETH-BTC"], mode="steady", rate=200, merge_prob=0.4) as fake:
         syms = [s for s in adapter.discover(FakeRest(fake.instruments({"instType": "SPOT"})[1])) if s.active]
-        sink = ListSink()
+        sink = okx_sink()
         session = adapter.new_session(syms, sink)
         ws = connect(fake)
         for text in adapter.subscribe_messages(syms):
@@ -612,16 +593,9 @@ def test_merged_fills_reach_disk_fill_by_fill_through_the_service(tmp_path):
 
     from mdlogger.ledger import read_gaps
     from mdlogger.reader import read_rows
-    from service import Service, fast_logger, wait_for
-    from test_all_exchanges import exchange_config, okx_trade
-    from test_service import today
 
     symbols = ["BTC-USDT", "ETH-USDT"]
-    fake = FakeOkx(symbols=symbols, mode="steady", rate=5.0, merge_prob=0.3, seed=7).start()
     data = os.path.join(str(tmp_path), "data")
-    config = {"logger": fast_logger(data, flush_interval_secs=0.05),
-              "exchanges": {"okx": dict(exchange_config("okx", fake, backfill_hold_secs=40.0), symbols=symbols)}}
-    svc = Service(tmp_path, config)
 
     def stored(sym):
         try:
@@ -629,20 +603,19 @@ def test_merged_fills_reach_disk_fill_by_fill_through_the_service(tmp_path):
         except OSError:
             return []
 
-    def settled():
+    def settled(svc):
         if sum(x["gaps"]["pending"] for x in svc.health()[1]["exchanges"].values()):
             return None
         got = {sym: stored(sym) for sym in symbols}
         return got if all(len(rows) >= 60 for rows in got.values()) else None
 
-    try:
+    with FakeOkx(symbols=symbols, mode="steady", rate=5.0, merge_prob=0.3, seed=7) as fake, \
+            service(tmp_path, service_config(data, [fake], logger={"flush_interval_secs": 0.05},
+                                             backfill_hold_secs=40.0)) as svc:
         svc.wait_all_connected(1, timeout=60)
-        got = wait_for(settled, timeout=90, what="60 trades per symbol stored and no gap pending")
+        got = wait_for(lambda: settled(svc), timeout=90, what="60 trades per symbol stored and no gap pending")
         refused = svc.health()[1]["exchanges"]["okx"]["refused_by_reason"]
         assert svc.stop() == 0
-    finally:
-        svc.ensure_dead()
-        fake.stop()
     assert refused.get("merged", 0) > 0 and set(refused) == {"merged"}, refused
     for sym in symbols:
         made = [okx_trade(e) for e in fake.made_trades(sym)]

@@ -20,7 +20,7 @@ import pytest
 from mdlogger.fakes.binance import FakeBinance
 from mdlogger.settings import EXCHANGES
 
-from service import wait_for
+from helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,8 +20,7 @@ from mdlogger.reader import read_rows
 from mdlogger.reload import plan_reload
 from mdlogger.settings import load_settings
 
-from service import Service, binance_section, fast_logger, wait_for
-from test_service import assert_tables_whole, expected_trade_row, today
+from helpers import Service, assert_tables_whole, binance_trade, fast_logger, fast_section, service, today, wait_for
 
 
 def sym(name: str, exchange_name: str = "") -> SymbolInfo:
@@ -168,11 +167,9 @@ def test_a_retired_process_is_never_started_again():
 
 @pytest.fixture
 def fakes():
-    binance = FakeBinance(symbols=["BTC-USDT", "ETH-USDT", "SOL-USDT"], mode="script", ping_interval=1.0).start()
-    coinbase = FakeCoinbase(symbols=["BTC-USD"], mode="script").start()
-    yield binance, coinbase
-    binance.stop()
-    coinbase.stop()
+    with FakeBinance(symbols=["BTC-USDT", "ETH-USDT", "SOL-USDT"], mode="script", ping_interval=1.0) as binance, \
+            FakeCoinbase(symbols=["BTC-USD"], mode="script") as coinbase:
+        yield binance, coinbase
 
 
 def write_config(svc: Service, config: dict) -> None:
@@ -209,13 +206,10 @@ def push(fake, symbol: str, n: int) -> None:
 def test_sighup_restarts_only_changed_shards_and_refuses_a_bad_config(tmp_path, fakes):
     binance, coinbase = fakes
     data = os.path.join(str(tmp_path), "data")
-    cb = {"enabled": True, "ws_endpoint": coinbase.ws_endpoint, "rest_endpoint": coinbase.url_http,
-          "symbols": ["BTC-USD"], "reconnect_delay_secs": 0.1, "max_reconnect_delay_secs": 0.5}
     config = {"logger": fast_logger(data),
-              "exchanges": {"binance": binance_section(binance.port, ["BTC-USDT", "ETH-USDT"], symbols_per_connection=2),
-                            "coinbase": cb}}
-    svc = Service(tmp_path, config)
-    try:
+              "exchanges": {"binance": fast_section(binance, ["BTC-USDT", "ETH-USDT"], symbols_per_connection=2),
+                            "coinbase": fast_section(coinbase)}}
+    with service(tmp_path, config) as svc:
         svc.wait_all_connected(2)
         before = shard_map(svc)
         assert set(before) == {("binance", 2, 0), ("coinbase", 1, 0)}
@@ -278,7 +272,5 @@ def test_sighup_restarts_only_changed_shards_and_refuses_a_bad_config(tmp_path, 
         assert "Traceback" not in log_text and "restart 1" not in log_text  # nothing crashed on the way
         # Every trade of the shard kept running is on disk, in order, once; so are the restarted shard's.
         for symbol, trades in sent.items():
-            assert read_rows(data, "binance", symbol, "TRADES", today()) == [expected_trade_row(t) for t in trades]
+            assert read_rows(data, "binance", symbol, "TRADES", today()) == [binance_trade(t) for t in trades]
         assert_tables_whole(data)
-    finally:
-        svc.ensure_dead()

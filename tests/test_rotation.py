@@ -18,7 +18,8 @@ from mdlogger.exchanges.base import Reconnect, Rotate, SymbolInfo
 from mdlogger.frames import ConnectionLost, read_one
 from mdlogger.gaps import Mark
 from mdlogger.rotation import Link, OverlapSink, rotate
-from mdlogger.settings import load_settings
+
+from helpers import fake_settings, wait_for
 
 BTC, ETH = b"BTC-USDT", b"ETH-USDT"
 T0 = 1_795_544_258
@@ -240,12 +241,14 @@ def test_a_new_connection_that_fails_during_the_overlap_is_closed_and_the_error_
 
 def until(condition, links, sink, what, limit=15.0):
     """Read the links until ``condition()`` holds (bounded; the bound is a failure, not a wait)."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("no %s within %.0f s" % (what, limit))
+    def read():
+        if condition():
+            return True
         for link in links:
             read_one(link, sink, 1 << 20, 0.01)
+        return False
+
+    wait_for(read, timeout=limit, interval=0, what=what)
 
 
 def test_a_server_shutdown_notice_rotates_a_real_connection_without_gap_or_duplicate(tmp_path, caplog):
@@ -255,8 +258,7 @@ def test_a_server_shutdown_notice_rotates_a_real_connection_without_gap_or_dupli
 
     names = ["BTC-USDT", "ETH-USDT"]
     with FakeBinance(symbols=names, mode="script", ping_interval=60.0) as fake:
-        settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True,
-                                            "exchanges.binance.ws_endpoint": fake.url_ws}, check_resources=False)
+        settings = fake_settings(fake, data_path=str(tmp_path))
         adapter = adapter_for(settings.exchange("binance"))
         symbols = [SymbolInfo(n, n.replace("-", ""), *n.split("-")) for n in names]
         sink = Recorder()

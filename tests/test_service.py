@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
+import psutil
 import pytest
 
 from mdlogger import records as rec
 from mdlogger.fakes.binance import FakeBinance
 from mdlogger.reader import read_rows
-from mdlogger.storage import iter_tables, table_rows
+from mdlogger.storage import iter_tables
 
-from service import Service, binance_section, fast_logger, wait_for
+from helpers import assert_tables_whole, binance_md, binance_trade, f32, service_for, today, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,51 +26,21 @@ SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
 
 @pytest.fixture
 def fake():
-    server = FakeBinance(symbols=SYMBOLS + ["DOGE-USDT"], mode="script", ping_interval=1.0)
-    server.start()
-    yield server
-    server.stop()
+    with FakeBinance(symbols=SYMBOLS + ["DOGE-USDT"], mode="script", ping_interval=1.0) as server:
+        yield server
 
 
-def service_for(tmp_path, fake, symbols=SYMBOLS, logger=None, data=None, **binance):
-    data = data or os.path.join(str(tmp_path), "data")
-    binance.setdefault("symbols_per_connection", 2)
-    config = {
-        "logger": fast_logger(data, **(logger or {})),
-        "exchanges": {"binance": binance_section(fake.port, symbols, **binance)},
-    }
-    return Service(tmp_path, config)
+def two_shards(tmp_path, fake, **kw):
+    """The service on SYMBOLS, two per connection: two shards."""
+    kw.setdefault("symbols_per_connection", 2)
+    return service_for(tmp_path, fake, SYMBOLS, **kw)
 
 
 @pytest.fixture
 def running(tmp_path, fake):
-    svc = service_for(tmp_path, fake)
-    try:
+    with two_shards(tmp_path, fake) as svc:
         svc.wait_all_connected(2)
         yield svc
-    finally:
-        svc.ensure_dead()
-
-
-def today() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime())
-
-
-def f32(x: float) -> float:
-    import struct
-
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
-def expected_trade_row(t: dict) -> tuple:
-    sec, nanos = rec.from_millis(t["T"])
-    side = rec.SIDE_SELL if t["m"] else rec.SIDE_BUY
-    return (t["t"], sec, nanos, f32(float(t["p"])), f32(float(t["q"])), side, rec.ZERO_ID, rec.ZERO_ID)
-
-
-def expected_md_row(d: dict) -> tuple:
-    sec, nanos = rec.from_millis(d["E"])
-    return (sec, nanos, f32(float(d["c"])), f32(float(d["Q"])), 0, f32(float(d["b"])), f32(float(d["a"])))
 
 
 def normalized(exchange_symbol: str) -> str:
@@ -78,20 +48,6 @@ def normalized(exchange_symbol: str) -> str:
         if s.replace("-", "") == exchange_symbol:
             return s
     raise KeyError(exchange_symbol)
-
-
-def assert_tables_whole(data_path: str) -> int:
-    """Every table's columns hold the same number of rows; returns the total rows."""
-    total = 0
-    for key in iter_tables(data_path):
-        rows = table_rows(data_path, key)
-        assert len(set(rows.values())) == 1, "torn table %s: %s" % (key, rows)
-        total += next(iter(rows.values()))
-    return total
-
-
-def records_received(svc) -> int:
-    return sum(s["records"] for s in svc.shards())
 
 
 def test_rows_on_disk_equal_what_the_fake_sent(running, fake):
@@ -109,17 +65,15 @@ def test_rows_on_disk_equal_what_the_fake_sent(running, fake):
     sent_trades = list(fake.sent_trades)
     sent_tickers = list(fake.sent_tickers)
     total = len(sent_trades) + len(sent_tickers)
-    wait_for(lambda: records_received(running) == total, what="all records received")
+    wait_for(lambda: running.records() == total, what="all records received")
     assert running.stop() == 0
     for sym in SYMBOLS:
-        want = [expected_trade_row(t) for t in sent_trades if normalized(t["s"]) == sym]
+        want = [binance_trade(t) for t in sent_trades if normalized(t["s"]) == sym]
         got = read_rows(running.data_path, "binance", sym, "TRADES", today())
         assert got == want
-        want_md = [expected_md_row(d) for d in sent_tickers if normalized(d["s"]) == sym]
+        want_md = [binance_md(d) for d in sent_tickers if normalized(d["s"]) == sym]
         got_md = read_rows(running.data_path, "binance", sym, "MD", today())
-        assert len(got_md) == len(want_md) == 4
-        for g, w in zip(got_md, want_md):
-            assert g[:2] == w[:2] and g[4] == w[4] and all(a == b for a, b in zip(g[2:], w[2:]))
+        assert len(want_md) == 4 and got_md == want_md
     # DOGE was listed but not configured: nothing of it on disk.
     assert not os.path.exists(os.path.join(running.data_path, "binance", "DOGE-USDT"))
     assert "supervisor stopped" in running.log_text()
@@ -130,10 +84,10 @@ def test_sigterm_keeps_everything_received(running, fake):
     for _ in range(500):
         for sym in SYMBOLS:
             fake.push_trade(sym)
-    wait_for(lambda: records_received(running) == 1500, what="records received")
-    started = time.monotonic()
+    wait_for(lambda: running.records() == 1500, what="records received")
     assert running.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 10
+    log = running.log_text()
+    assert "supervisor stopped" in log and "did not stop in time" not in log  # nobody had to be killed
     total = sum(len(read_rows(running.data_path, "binance", s, "TRADES", today())) for s in SYMBOLS)
     assert total == 1500
     assert_tables_whole(running.data_path)
@@ -144,148 +98,135 @@ def test_sigint_to_the_whole_group_is_a_clean_stop(running, fake):
     wait_for(lambda: len(fake.subscribed_streams()) >= 6, what="subscriptions")
     for _ in range(100):
         fake.push_trade("BTC-USDT")
-    wait_for(lambda: records_received(running) == 100, what="records received")
+    wait_for(lambda: running.records() == 100, what="records received")
     os.killpg(running.proc.pid, signal.SIGINT)
     assert running.proc.wait(20) == 0
     assert len(read_rows(running.data_path, "binance", "BTC-USDT", "TRADES", today())) == 100
 
 
 def test_killed_worker_is_restarted_and_others_keep_writing(tmp_path):
-    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=50, ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake)
-        try:
-            svc.wait_all_connected(2)
-            before = {s["shard"]: s for s in svc.shards()}
-            victim = before[0]["pid"]
-            os.kill(victim, signal.SIGKILL)
-            other_records = before[1]["records"]
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=50, ping_interval=1.0) as fake, \
+            two_shards(tmp_path, fake) as svc:
+        svc.wait_all_connected(2)
+        before = {s["shard"]: s for s in svc.shards()}
+        victim = before[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        other_records = before[1]["records"]
 
-            def restarted():
-                s = {x["shard"]: x for x in svc.shards()}
-                return s[0]["pid"] not in (None, victim) and s[0]["restarts"] == 1 and s[0]["connected"] and s
+        def restarted():
+            s = {x["shard"]: x for x in svc.shards()}
+            return s[0]["pid"] not in (None, victim) and s[0]["restarts"] == 1 and s[0]["connected"] and s
 
-            shards = wait_for(restarted, timeout=15, what="shard 0 restarted")
-            assert shards[1]["records"] > other_records  # the other shard never stopped
-            assert shards[1]["restarts"] == 0
-            assert "killed by SIGKILL" in svc.log_text()
-            wait_for(lambda: svc.health()[0] == 200, what="healthy again")
-            assert svc.stop() == 0
-            assert_tables_whole(svc.data_path)
-        finally:
-            svc.ensure_dead()
+        shards = wait_for(restarted, timeout=15, what="shard 0 restarted")
+        assert shards[1]["records"] > other_records  # the other shard never stopped
+        assert shards[1]["restarts"] == 0
+        assert "killed by SIGKILL" in svc.log_text()
+        wait_for(lambda: svc.health()[0] == 200, what="healthy again")
+        assert svc.stop() == 0
+        assert_tables_whole(svc.data_path)
 
 
 def test_killed_writer_is_restarted_and_no_table_is_torn(tmp_path):
-    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=200, ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake)
-        try:
-            svc.wait_all_connected(2)
-            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 200, what="rows written")
-            writer = svc.health()[1]["writer"]["pid"]
-            os.kill(writer, signal.SIGKILL)
-            doc = wait_for(lambda: (lambda d: d if d["writer"]["pid"] not in (None, writer) else None)(svc.health()[1]),
-                           what="a new writer")
-            assert doc["writer"]["restarts"] == 1
-            rows_before = assert_tables_whole(svc.data_path)
-            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 100, what="new writer writing")
-            assert svc.stop() == 0
-            assert assert_tables_whole(svc.data_path) > rows_before
-        finally:
-            svc.ensure_dead()
+    with FakeBinance(symbols=SYMBOLS, mode="steady", rate=200, ping_interval=1.0) as fake, \
+            two_shards(tmp_path, fake) as svc:
+        svc.wait_all_connected(2)
+        wait_for(lambda: svc.writer()["rows_written"] > 200, what="rows written")
+        writer = svc.writer()["pid"]
+        os.kill(writer, signal.SIGKILL)
+        doc = wait_for(lambda: (lambda w: w if w["pid"] not in (None, writer) else None)(svc.writer()),
+                       what="a new writer")
+        assert doc["restarts"] == 1
+        rows_before = assert_tables_whole(svc.data_path)
+        wait_for(lambda: svc.writer()["rows_written"] > 100, what="new writer writing")
+        assert svc.stop() == 0
+        assert assert_tables_whole(svc.data_path) > rows_before
 
 
 def test_whole_tree_killed_then_restarted_repairs_torn_tables(tmp_path):
     with FakeBinance(symbols=SYMBOLS, mode="steady", rate=300, ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake)
-        try:
-            svc.wait_all_connected(2)
-            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > 500, what="rows written")
-        finally:
-            svc.kill_tree()
+        with two_shards(tmp_path, fake) as svc:
+            try:
+                svc.wait_all_connected(2)
+                wait_for(lambda: svc.writer()["rows_written"] > 500, what="rows written")
+            finally:
+                svc.kill_tree()
         # Make sure a table is torn, as a power cut in the middle of a flush would leave it.
         key = next(k for k in iter_tables(svc.data_path) if k.kind == rec.KIND_TRADES)
         path = os.path.join(svc.data_path, "binance", key.symbol, "TRADES", "price.%s.bin" % key.day)
         with open(path, "ab") as fh:
             fh.write(b"\x01\x02\x03\x04\x05\x06")
         os.makedirs(os.path.join(str(tmp_path), "second"), exist_ok=True)
-        again = service_for(os.path.join(str(tmp_path), "second"), fake, data=svc.data_path)
-        try:
+        with two_shards(os.path.join(str(tmp_path), "second"), fake, data=svc.data_path) as again:
             wait_for(lambda: "repaired torn table" in again.log_text(), what="the repair log line")
             assert "cut price 6 bytes" in again.log_text()
             again.wait_healthy()
             assert again.stop() == 0
-        finally:
-            again.ensure_dead()
         assert_tables_whole(svc.data_path)
 
 
 def test_worker_killed_while_the_writer_is_stalled_does_not_stall_others(tmp_path):
     """Pitfall 2: a producer SIGKILLed with full pipes must not block anyone else."""
-    with FakeBinance(symbols=SYMBOLS, mode="firehose", ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake, logger={"worker_buffer_bytes": 256 * 1024})
-        try:
-            svc.wait_all_connected(2)
-            writer = psutil_process(svc.health()[1]["writer"]["pid"])
-            writer.suspend()  # the writer is "slow": pipes and worker buffers fill
-            time.sleep(1.5)
-            shards = {s["shard"]: s for s in svc.shards()}
-            os.kill(shards[0]["pid"], signal.SIGKILL)
-            time.sleep(0.5)
-            writer.resume()
-            wait_for(lambda: {s["shard"]: s for s in svc.shards()}[0]["restarts"] == 1, what="restart")
-            rows = svc.health()[1]["writer"]["rows_written"]
-            wait_for(lambda: svc.health()[1]["writer"]["rows_written"] > rows + 10000, what="writing resumed")
-            doc = svc.health()[1]
-            assert all(s["connected"] for s in doc["shards"])
-            assert sum(s["dropped_records"] for s in doc["shards"]) > 0  # counted, not silent
-            assert svc.stop() == 0
-            assert_tables_whole(svc.data_path)
-        finally:
-            svc.ensure_dead()
+    with FakeBinance(symbols=SYMBOLS, mode="firehose", ping_interval=1.0) as fake, \
+            two_shards(tmp_path, fake, logger={"worker_buffer_bytes": 256 * 1024}) as svc:
+        svc.wait_all_connected(2)
+        writer = psutil.Process(svc.writer()["pid"])
+        writer.suspend()  # the writer is "slow": pipes and worker buffers fill
+        wait_for(lambda: all(s["dropped_records"] > 0 for s in svc.shards()), timeout=30,
+                 what="every worker's buffer full (records dropped)")
+        victim = psutil.Process({s["shard"]: s for s in svc.shards()}[0]["pid"])
+        victim.kill()
+        wait_for(lambda: not victim.is_running() or victim.status() == psutil.STATUS_ZOMBIE,
+                 what="the worker dead, its pipe still full")
+        writer.resume()
+        wait_for(lambda: {s["shard"]: s for s in svc.shards()}[0]["restarts"] == 1, what="restart")
+        rows = svc.writer()["rows_written"]
+        wait_for(lambda: svc.writer()["rows_written"] > rows + 10000, what="writing resumed")
+        doc = svc.health()[1]
+        assert all(s["connected"] for s in doc["shards"])
+        assert sum(s["dropped_records"] for s in doc["shards"]) > 0  # counted, not silent
+        assert svc.stop() == 0
+        assert_tables_whole(svc.data_path)
 
 
-def psutil_process(pid):
-    import psutil
-
-    return psutil.Process(pid)
+def pongs_per_connection(fake) -> list[int]:
+    """Matched pongs of each open connection of the fake."""
+    return [len(c["pongs"]) for c in fake.connections_info()["connections"] if c["open"]]
 
 
 def test_silent_connection_is_reconnected(tmp_path):
-    with FakeBinance(symbols=SYMBOLS, mode="idle", ping_interval=0.5) as fake:
-        svc = service_for(tmp_path, fake, silence_timeout_secs=1.5)
-        try:
-            svc.wait_all_connected(2)
-            time.sleep(2.5)  # idle but pinged: a quiet symbol is normal, no reconnect
-            assert all(s["reconnects"] == 0 for s in svc.shards())
-            fake.go_silent(4.0)
-            wait_for(lambda: all(s["reconnects"] >= 1 for s in svc.shards()), timeout=15, what="reconnects")
-            assert "silent for" in svc.log_text()
-            wait_for(lambda: all(s["connected"] for s in svc.shards()), what="connected again")
-            assert svc.stop() == 0
-        finally:
-            svc.ensure_dead()
+    with FakeBinance(symbols=SYMBOLS, mode="idle", ping_interval=0.5) as fake, \
+            two_shards(tmp_path, fake, silence_timeout_secs=1.5) as svc:
+        svc.wait_all_connected(2)
+        # idle but pinged: a quiet symbol is normal, no reconnect, though five pings (2.5 s) outlast the 1.5 s
+        wait_for(lambda: len(fake.open_connections()) == 2 and min(pongs_per_connection(fake)) >= 5,
+                 what="five pings answered on each connection")
+        assert all(s["reconnects"] == 0 for s in svc.shards())
+        fake.go_silent(4.0)
+        wait_for(lambda: all(s["reconnects"] >= 1 for s in svc.shards()), timeout=15, what="reconnects")
+        assert "silent for" in svc.log_text()
+        wait_for(lambda: all(s["connected"] for s in svc.shards()), what="connected again")
+        assert svc.stop() == 0
 
 
 def test_pongs_echo_and_client_stays_within_five_messages_per_second(running, fake):
-    time.sleep(2.5)
+    wait_for(lambda: len(fake.open_connections()) == 2 and min(pongs_per_connection(fake)) >= 2,
+             what="two pongs on each connection")
+    wait_for(lambda: fake.pongs_matched() >= 4, timeout=5, what="those pongs echoing the fake's pings")
     assert fake.violations == []
-    assert fake.pongs_matched() >= 2
 
 
 def test_server_shutdown_rotates_without_gap_or_duplicate(tmp_path):
     """serverShutdown: the next connection opens before the old one closes; ids stay consecutive."""
     with FakeBinance(symbols=SYMBOLS, mode="steady", rate=100, ping_interval=1.0) as fake:
-        svc = service_for(tmp_path, fake)
-        try:
+        with two_shards(tmp_path, fake) as svc:
             svc.wait_all_connected(2)
-            time.sleep(1.0)
+            wait_for(lambda: svc.records() >= 100, what="trades before the notice")
             fake.send_server_shutdown(close_after=1.5)
             wait_for(lambda: all(s["reconnects"] == 1 and s["connected"] for s in svc.shards()), what="rotation")
-            time.sleep(1.0)
-            assert "switched to the new connection" in svc.log_text()
+            wait_for(lambda: "switched to the new connection" in svc.log_text(), what="the switch")
+            switched = svc.records()
+            wait_for(lambda: svc.records() >= switched + 100, what="trades on the new connections")
             assert svc.stop() == 0
-        finally:
-            svc.ensure_dead()
         sent = {}
         for t in fake.sent_trades:
             sent.setdefault(normalized(t["s"]), []).append(t["t"])
@@ -326,7 +267,7 @@ def test_bad_input_is_counted_by_reason_and_never_stored(running, fake):
     doc = running.health()[1]
     assert doc["exchanges"]["binance"]["refused_by_reason"]["oversized"] == 2  # one per connection
     assert all(s["restarts"] == 0 and s["connected"] for s in doc["shards"])
-    wait_for(lambda: records_received(running) == 1, what="the good trade")
+    wait_for(lambda: running.records() == 1, what="the good trade")
     assert running.stop() == 0
     assert len(read_rows(running.data_path, "binance", "BTC-USDT", "TRADES", today())) == 1
     assert not os.path.exists(os.path.join(running.data_path, "X"))
@@ -343,8 +284,8 @@ def test_metrics_in_the_prometheus_format(running, fake):
     for _ in range(30):
         fake.push_trade("BTC-USDT")
     fake.push_raw("{broken")
-    wait_for(lambda: records_received(running) == 30, what="records")
-    wait_for(lambda: running.health()[1]["writer"]["rows_trades"] == 30, what="rows")
+    wait_for(lambda: running.records() == 30, what="records")
+    wait_for(lambda: running.writer()["rows_trades"] == 30, what="rows")
     url = "http://127.0.0.1:%d/metrics" % running.health_port()
     with urllib.request.urlopen(url, timeout=5) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -370,7 +311,7 @@ def test_analytics_endpoint_reports_what_was_stored(running, fake):
     for _ in range(20):
         fake.push_trade("ETH-USDT")
     sent = [t for t in fake.sent_trades if t["s"] == "ETHUSDT"]
-    wait_for(lambda: running.health()[1]["writer"]["rows_trades"] == 20, what="rows on disk")
+    wait_for(lambda: running.writer()["rows_trades"] == 20, what="rows on disk")
     url = "http://127.0.0.1:%d/analytics" % running.health_port()
 
     def today_figures():

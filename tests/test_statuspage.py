@@ -23,8 +23,8 @@ from mdlogger.stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
 from mdlogger.view import ExchangeView, ServiceView, SlotView, WriterView
 from mdlogger.web import build_app
 
-from browser import Chromium, find_chromium
-from service import Service, binance_section, fast_logger
+from helpers import fast_logger, fast_section, service, wait_for
+from helpers.browser import Chromium, find_chromium
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -213,13 +213,11 @@ def test_status_page_in_a_browser(tmp_path, chromium_path, fakes):
         # a 2 s analytics interval, so the most-active table fills within the test
         "logger": fast_logger(data, analytics_interval_secs=2),
         "exchanges": {
-            "binance": binance_section(binance.port, BINANCE_SYMBOLS, symbols_per_connection=2),
-            "coinbase": {"enabled": True, "ws_endpoint": coinbase.ws_endpoint, "rest_endpoint": coinbase.url_http,
-                         "symbols": COINBASE_SYMBOLS, "reconnect_delay_secs": 0.1, "max_reconnect_delay_secs": 0.5},
+            "binance": fast_section(binance, BINANCE_SYMBOLS, symbols_per_connection=2),
+            "coinbase": fast_section(coinbase, COINBASE_SYMBOLS),
         },
     }
-    svc = Service(tmp_path, config)
-    try:
+    with service(tmp_path, config) as svc:
         with Chromium(chromium_path, width=1200, height=900) as browser:
             svc.wait_all_connected(3, timeout=30)
             url = "http://127.0.0.1:%d/" % svc.health_port()
@@ -233,14 +231,13 @@ def test_status_page_in_a_browser(tmp_path, chromium_path, fakes):
             assert first["text"].startswith("mdlogger")
 
             # The page fills in and keeps itself current, without a reload by the test.
-            deadline = time.monotonic() + 15
-            while True:
+            def filled_in_and_refreshed():
                 seen = browser.evaluate(SEEN)
-                if complete(seen) and seen["updated"] != first["updated"]:
-                    break
-                assert time.monotonic() < deadline, "the page did not fill in/refresh: %r\nservice log:\n%s" % (
-                    {k: v for k, v in seen.items() if k != "text"}, svc.log_text()[-3000:])
-                time.sleep(0.2)
+                return seen if complete(seen) and seen["updated"] != first["updated"] else None
+
+            seen = wait_for(filled_in_and_refreshed, timeout=15, interval=0.2, what="the page to fill in and refresh",
+                            explain=lambda: "the page: %r\nservice log:\n%s" % (
+                                {k: v for k, v in browser.evaluate(SEEN).items() if k != "text"}, svc.log_text()[-3000:]))
             assert seen["sameDocument"], "the page was reloaded instead of updated in place"
             assert not seen["stale"]
 
@@ -284,8 +281,6 @@ def test_status_page_in_a_browser(tmp_path, chromium_path, fakes):
         if os.environ.get("MDLOGGER_SCREENSHOT"):
             with open(os.environ["MDLOGGER_SCREENSHOT"], "wb") as fh:
                 fh.write(png)
-    finally:
-        svc.ensure_dead()
 
 
 def test_many_symbols_are_shortened_on_the_page():

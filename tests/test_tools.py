@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import yaml
 
-from mdlogger.exchanges import fake_class, fake_names
+from mdlogger.fakes import fake_class, fake_names
 from mdlogger.fakes.binance import FakeBinance
+
+from helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +27,7 @@ def config(tmp_path, fake, symbols):
     path = tmp_path / "logger.yaml"
     path.write_text(yaml.safe_dump({
         "logger": {"data_path": str(tmp_path / "data"), "health_check_port": 0},
-        "exchanges": {"binance": {"enabled": True, "ws_endpoint": fake.url_ws, "rest_endpoint": fake.url_http,
-                                  "symbols": symbols}},
+        "exchanges": {"binance": fake.config_section(symbols)},
     }))
     return str(path)
 
@@ -100,8 +99,6 @@ def test_demo_runs_every_simulated_exchange(tmp_path):
     import re
     import signal
 
-    from service import wait_for
-
     from mdlogger.fakes import FAKES
 
     log = tmp_path / "demo.log"
@@ -151,8 +148,7 @@ def test_symbols_and_test_commands_on_every_exchange(tmp_path, exchange):
         symbols = list(server.symbols)[:2]
         path.write_text(yaml.safe_dump({
             "logger": {"data_path": str(tmp_path / "data"), "health_check_port": 0},
-            "exchanges": {exchange: {"enabled": True, "ws_endpoint": server.ws_endpoint,
-                                     "rest_endpoint": server.url_http, "symbols": symbols}},
+            "exchanges": {exchange: server.config_section(symbols)},
         }))
         listed = run("-m", "mdlogger", "--config", str(path), "symbols", exchange)
         assert listed.returncode == 0, listed.stderr

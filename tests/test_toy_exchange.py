@@ -29,13 +29,14 @@ from collections import defaultdict
 import pytest
 
 from mdlogger import records as rec
-from mdlogger.exchanges import ADAPTERS, exchange_names, fake_class, registry
+from mdlogger.exchanges import ADAPTERS, exchange_names, registry
+from mdlogger.fakes import fake_class
 from mdlogger.exchanges.base import Exchange, HistorySpec, Session
 from mdlogger.reader import read_rows
 from mdlogger.settings import ConfigError, load_settings
 from mdlogger.verify import consecutive_ids_by_exchange, verify_day
 
-from service import Service, fast_logger, wait_for
+from helpers import fast_logger, service, wait_for
 
 MODULE = "toy_exchange"
 SYMBOLS = ["BTC-USD", "ETH-USD"]
@@ -203,11 +204,9 @@ def test_a_toy_sixth_exchange_runs_end_to_end(tmp_path, toy):
     env = {"PYTHONPATH": os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p),
            registry.MODULES_ENV: MODULE}
     with fake_class("toy")(symbols=SYMBOLS, mode="script") as fake:
-        config = {"logger": fast_logger(data), "exchanges": {"toy": {
-            "enabled": True, "ws_endpoint": fake.ws_endpoint, "rest_endpoint": fake.url_http, "symbols": SYMBOLS,
-            "reconnect_delay_secs": 0.1, "max_reconnect_delay_secs": 0.5}}}
-        svc = Service(tmp_path, config, env=env)
-        try:
+        config = {"logger": fast_logger(data), "exchanges": {"toy": fake.config_section(
+            reconnect_delay_secs=0.1, max_reconnect_delay_secs=0.5)}}
+        with service(tmp_path, config, env=env) as svc:
             svc.wait_all_connected(1, timeout=60)
             wait_for(lambda: fake.subscribed("trades") == set(SYMBOLS), what="the toy subscriptions")
             for i in range(30):
@@ -226,8 +225,6 @@ def test_a_toy_sixth_exchange_runs_end_to_end(tmp_path, toy):
             # the writer keeps counters for the toy (its block is laid out from the registry)
             assert doc["exchanges"]["toy"]["gaps"]["detected"] == doc["exchanges"]["toy"]["gaps"]["unrecoverable"] == 1
             assert svc.stop() == 0
-        finally:
-            svc.ensure_dead()
     trades, tickers = by_day(fake.sent_trades, trade_row), by_day(fake.sent_tickers, ticker_row)
     for (sym, day), want in trades.items():
         assert read_rows(data, "toy", sym, "TRADES", day) == want, sym

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from . import registry
 from .base import Exchange
-from .registry import ADAPTERS, adapter_class, exchange_names, fake_class, fake_names
+from .registry import ADAPTERS, adapter_class, exchange_names
 
-__all__ = ["ADAPTERS", "Exchange", "adapter_class", "adapter_for", "exchange_names", "fake_class", "fake_names"]
+__all__ = ["ADAPTERS", "Exchange", "adapter_class", "adapter_for", "exchange_names"]
 
 registry.import_package(__name__, __path__)
 registry.import_extra_modules()

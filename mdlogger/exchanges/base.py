@@ -33,7 +33,6 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import orjson
 
 from .. import records as rec
-from ..settings import ExchangeSettings
 from . import registry
 
 
@@ -321,6 +320,21 @@ def raw_id(item, key):
         return None
 
 
+def scan_newest_first(rows: HistoryRows, items, parse: Callable, id_key: str, after_id: int, before_id: int):
+    """One page of a newest-first history (Coinbase, OKX): keep the rows with ids strictly between
+    the gap's edges; return the lowest id the page holds (refused rows included), the next cursor,
+    or None when no row had a usable id."""
+    lowest = None
+    for item in items:
+        row = history_row(rows, parse, item)
+        tid = row[1] if row is not None else raw_id(item, id_key)
+        if tid is not None and (lowest is None or tid < lowest):
+            lowest = tid
+        if row is not None and after_id < tid < before_id:
+            rows.append(row)
+    return lowest
+
+
 def ascending_by_id(rows: HistoryRows) -> HistoryRows:
     """``rows`` sorted by trade id, each id once; keeps ``skipped``."""
     out = HistoryRows(sorted({r[1]: r for r in rows}.values(), key=lambda r: r[1]))
@@ -430,7 +444,7 @@ class Exchange:
         if "name" in cls.__dict__:  # an exchange, not a shared intermediate class
             registry.register_adapter(cls)
 
-    def __init__(self, settings: ExchangeSettings):
+    def __init__(self, settings):  # settings.ExchangeSettings (not imported: settings reads the adapters)
         self.settings = settings
 
     # -- symbols ----------------------------------------------------------

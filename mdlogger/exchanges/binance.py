@@ -27,6 +27,7 @@ import time
 
 import orjson
 
+from .. import listing
 from .. import records as rec
 from ..history import HistoryDeadline, HistoryError
 from ..records import ZERO_ID
@@ -179,30 +180,36 @@ class Binance(Exchange):
     session_class = BinanceSession
 
     def discover(self, rest) -> list[SymbolInfo]:
+        """Every symbol of exchangeInfo; entries and fields are checked first (mdlogger/listing.py)."""
         doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/api/v3/exchangeInfo")
-        out = []
-        for s in doc.get("symbols", []):
-            try:
-                base, quote = s["baseAsset"].upper(), s["quoteAsset"].upper()
-                name = s["symbol"]
-            except (KeyError, AttributeError, TypeError):
-                continue
-            symbol = "%s-%s" % (base, quote)
-            if not rec.valid_symbol(symbol):
-                continue
-            filters = {f.get("filterType"): f for f in s.get("filters", []) if isinstance(f, dict)}
-            out.append(
-                SymbolInfo(
-                    symbol=symbol,
-                    exchange_name=name,
-                    base=base,
-                    quote=quote,
-                    active=s.get("status") == "TRADING",
-                    tick_size=filters.get("PRICE_FILTER", {}).get("tickSize", ""),
-                    min_size=filters.get("LOT_SIZE", {}).get("minQty", ""),
-                )
-            )
+        entries = doc.get("symbols") if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("Binance exchangeInfo: no list of symbols in the reply")
+        out = listing.Listing()
+        for s in entries:
+            out.take(lambda s: self._symbol_info(s, out), s)
         return out
+
+    @staticmethod
+    def _symbol_info(s: dict, out) -> SymbolInfo:
+        base, quote = listing.code(s["baseAsset"]), listing.code(s["quoteAsset"])
+        name = listing.exchange_name(s["symbol"])
+        if not name.isalnum():  # (it names a stream: btcusdt@trade)
+            raise listing.Skip("bad_name")
+        filters = {}
+        for f in s.get("filters") or []:
+            kind = f.get("filterType") if isinstance(f, dict) else None
+            if isinstance(kind, str):
+                filters[kind] = f
+        return SymbolInfo(
+            symbol="%s-%s" % (base, quote),
+            exchange_name=name,
+            base=base,
+            quote=quote,
+            active=s.get("status") == "TRADING",
+            tick_size=out.amount("tick_size", filters.get("PRICE_FILTER", {}).get("tickSize")),
+            min_size=out.amount("min_size", filters.get("LOT_SIZE", {}).get("minQty")),
+        )
 
     def normalize(self, name: str) -> str:
         raise ValueError("Binance symbols have no separator; use the exchangeInfo listing")

@@ -29,6 +29,7 @@ import collections
 
 import orjson
 
+from .. import listing
 from .. import records as rec
 from ..history import HistoryDeadline, HistoryError
 from .base import (
@@ -219,30 +220,35 @@ class Bitfinex(Exchange):
     session_class = BitfinexSession
 
     def discover(self, rest) -> list[SymbolInfo]:
+        """Every exchange pair; names are checked first (mdlogger/listing.py)."""
         doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/v2/conf/pub:list:pair:exchange")
-        pairs = doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], list) else []
-        out, seen = [], set()
-        for pair in pairs:
-            if not isinstance(pair, str):
-                continue
-            try:
-                symbol = self.normalize("t" + pair)
-            except ValueError:
-                continue
-            if symbol in seen:
-                continue  # BTCUST and a real BTCUSDT would collide: keep the first
-            seen.add(symbol)
-            base, quote = symbol.split("-")
-            out.append(SymbolInfo(symbol, "t" + pair, base, quote))
+        if not (isinstance(doc, list) and doc and isinstance(doc[0], list)):
+            raise ValueError("Bitfinex pair list: the reply is not a list of pairs")
+        out = listing.Listing()  # (BTCUST and a real BTCUSDT would collide: the first is kept)
+        for pair in doc[0]:
+            out.take(self._symbol_info, pair)
         return out
 
+    def _symbol_info(self, pair: str) -> SymbolInfo:
+        if not isinstance(pair, str):
+            raise listing.Skip("malformed")
+        name = listing.exchange_name("t" + pair)
+        try:
+            symbol = self.normalize(name)
+        except ValueError:
+            raise listing.Skip("bad_symbol") from None
+        base, quote = symbol.split("-")
+        return SymbolInfo(symbol, name, base, quote)
+
     def normalize(self, name: str) -> str:
-        if not name.startswith("t"):
-            raise ValueError("Bitfinex trading pairs start with t: %r" % (name,))
+        """tBTCUSD -> BTC-USD, tTESTBTC:TESTUSD -> TESTBTC-TESTUSD; ValueError for anything else,
+        non-ASCII names included (checked before upper-casing: ``"US\u017fD".upper()`` is ``"USSD"``)."""
+        if not isinstance(name, str) or not name.isascii() or not name.startswith("t"):
+            raise ValueError("Bitfinex trading pairs are ASCII and start with t: %s" % (shown(name),))
         parts = split_pair(name[1:])
         symbol = "%s-%s" % parts if parts else ""
         if not rec.valid_symbol(symbol):
-            raise ValueError("cannot normalize Bitfinex pair %r" % (name,))
+            raise ValueError("cannot normalize Bitfinex pair %s" % (shown(name),))
         return symbol
 
     # -- REST trade history ---------------------------------------------------------------------

@@ -29,26 +29,26 @@ import uuid
 
 import orjson
 
+from .. import listing
 from .. import records as rec
 from ..history import HistoryDeadline, HistoryError
 from .base import (
-    loads,
+    ascending_by_id,
     Exchange,
+    exchange_text,
     HistoryRows,
     HistorySpec,
-    ascending_by_id,
-    history_row,
-    raw_id,
-    Refused,
-    Session,
-    SymbolInfo,
     iso_time,
+    loads,
     optional_price,
     optional_size,
     price,
-    exchange_text,
+    Refused,
+    scan_newest_first,
+    Session,
     shown,
     size,
+    SymbolInfo,
     trade_id,
 )
 
@@ -137,21 +137,30 @@ class Coinbase(Exchange):
     session_class = CoinbaseSession
 
     def discover(self, rest) -> list[SymbolInfo]:
-        out = []
-        for p in rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/products"):
-            try:
-                name, base, quote = p["id"], p["base_currency"].upper(), p["quote_currency"].upper()
-            except (KeyError, TypeError, AttributeError):
-                continue
-            symbol = self.normalize(name) if isinstance(name, str) else ""
-            if not rec.valid_symbol(symbol) or symbol != "%s-%s" % (base, quote):
-                continue
-            active = not p.get("trading_disabled", False) and p.get("status", "online") == "online"
-            out.append(SymbolInfo(symbol, name, base, quote, active, str(p.get("quote_increment", "")),
-                                  str(p.get("base_min_size") or p.get("base_increment") or "")))
+        """Every product; entries and fields are checked first (mdlogger/listing.py)."""
+        doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/products")
+        if not isinstance(doc, list):
+            raise ValueError("Coinbase products: the reply is not a list")
+        out = listing.Listing()
+        for p in doc:
+            out.take(lambda p: self._symbol_info(p, out), p)
         return out
 
+    def _symbol_info(self, p: dict, out) -> SymbolInfo:
+        name = listing.exchange_name(p["id"])
+        base, quote = listing.code(p["base_currency"]), listing.code(p["quote_currency"])
+        symbol = self.normalize(name)
+        if symbol != "%s-%s" % (base, quote):
+            raise listing.Skip("bad_symbol")
+        active = not p.get("trading_disabled", False) and p.get("status", "online") == "online"
+        return SymbolInfo(symbol, name, base, quote, active, out.amount("tick_size", p.get("quote_increment")),
+                          out.amount("min_size", p.get("base_min_size") or p.get("base_increment")))
+
     def normalize(self, name: str) -> str:
+        """BTC-USD as listed; "" (no valid symbol) for anything but ASCII, which is checked
+        before upper-casing (``"US\u017fD".upper()`` is ``"USSD"``)."""
+        if not isinstance(name, str) or not name.isascii():
+            return ""
         return name.upper()
 
     # -- REST trade history ---------------------------------------------------------------------
@@ -172,14 +181,7 @@ class Coinbase(Exchange):
                     raise HistoryError("Coinbase trades: not a list: %.200r" % (doc,))
                 if not doc:
                     break
-                lowest = None
-                for item in doc:
-                    row = history_row(rows, lambda d: _rest_trade(sym, d), item)
-                    tid = row[1] if row is not None else raw_id(item, "trade_id")
-                    if tid is not None and (lowest is None or tid < lowest):
-                        lowest = tid
-                    if row is not None and after[0] < tid < before[0]:
-                        rows.append(row)
+                lowest = scan_newest_first(rows, doc, lambda d: _rest_trade(sym, d), "trade_id", after[0], before[0])
                 if lowest is None or lowest <= after[0]:
                     break
                 nxt = headers.get("CB-AFTER")

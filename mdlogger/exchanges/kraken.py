@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import orjson
 
+from .. import listing
 from .. import records as rec
 from ..history import HistoryDeadline, HistoryError
 from .base import (
@@ -158,25 +159,40 @@ class Kraken(Exchange):
     session_class = KrakenSession
 
     def discover(self, rest) -> list[SymbolInfo]:
+        """Every pair with a wsname; entries and fields are checked first (mdlogger/listing.py)."""
         doc = rest.get_json(self.settings.rest_endpoint.rstrip("/") + "/0/public/AssetPairs")
+        if not isinstance(doc, dict):
+            raise ValueError("Kraken AssetPairs: the reply is not a JSON object")
         if doc.get("error"):
-            raise ValueError("Kraken AssetPairs error: %s" % "; ".join(map(str, doc["error"])))
-        out = []
-        for info in doc.get("result", {}).values():
-            wsname = info.get("wsname") if isinstance(info, dict) else None
-            if not isinstance(wsname, str) or "/" not in wsname:
-                continue  # dark pool pairs have no wsname
-            symbol = self.normalize(wsname)
-            if not rec.valid_symbol(symbol):
-                continue
-            base, quote = symbol.split("-")
-            decimals = info.get("pair_decimals")
-            tick = ("%.*f" % (decimals, 10 ** -decimals)) if isinstance(decimals, int) else ""
-            out.append(SymbolInfo(symbol, wsname, base, quote, info.get("status", "online") == "online", tick,
-                                  str(info.get("ordermin", ""))))
+            errors = doc["error"] if isinstance(doc["error"], list) else [doc["error"]]
+            raise ValueError("Kraken AssetPairs error: %s" % "; ".join(exchange_text(e, 200) for e in errors[:5]))
+        pairs = doc.get("result")
+        if not isinstance(pairs, dict):
+            raise ValueError("Kraken AssetPairs: no result object in the reply")
+        out = listing.Listing()
+        for info in pairs.values():
+            out.take(lambda info: self._symbol_info(info, out), info)
         return out
 
+    def _symbol_info(self, info: dict, out) -> SymbolInfo | None:
+        wsname = info.get("wsname")
+        if wsname is None:
+            return None  # dark pool pairs have no wsname
+        wsname = listing.exchange_name(wsname)
+        if "/" not in wsname:
+            raise listing.Skip("bad_name")
+        symbol = self.normalize(wsname)
+        if not rec.valid_symbol(symbol):
+            raise listing.Skip("bad_symbol")
+        base, quote = symbol.split("-")
+        return SymbolInfo(symbol, wsname, base, quote, info.get("status", "online") == "online",
+                          out.tick_from_decimals(info.get("pair_decimals")), out.amount("min_size", info.get("ordermin")))
+
     def normalize(self, name: str) -> str:
+        """XBT/USD -> BTC-USD; "" (no valid symbol) for anything but ASCII, which is checked
+        before upper-casing (``"US\u017fD".upper()`` is ``"USSD"``)."""
+        if not isinstance(name, str) or not name.isascii():
+            return ""
         base, _, quote = name.partition("/")
         return "%s-%s" % (normalize_code(base), normalize_code(quote))
 

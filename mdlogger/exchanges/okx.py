@@ -50,27 +50,27 @@ import re
 
 import orjson
 
+from .. import listing
 from .. import records as rec
 from ..history import HistoryDeadline, HistoryError
 from .base import (
-    loads,
+    ascending_by_id,
     Exchange,
+    exchange_text,
     HistoryRows,
     HistorySpec,
-    ascending_by_id,
-    history_row,
-    raw_id,
-    Refused,
-    Rotate,
-    Session,
-    SymbolInfo,
+    loads,
     millis,
     optional_price,
     optional_size,
     price,
-    exchange_text,
+    Refused,
+    Rotate,
+    scan_newest_first,
+    Session,
     shown,
     size,
+    SymbolInfo,
     trade_id,
 )
 
@@ -212,40 +212,40 @@ class Okx(Exchange):
     session_class = OkxSession
 
     def discover(self, rest) -> list[SymbolInfo]:
+        """Every SPOT instrument; entries and fields are checked first (mdlogger/listing.py)."""
         url = self.settings.rest_endpoint.rstrip("/") + "/api/v5/public/instruments"
         doc = rest.get_json(url, params={"instType": "SPOT"})
         if not isinstance(doc, dict):
-            raise ValueError("OKX instruments: not a JSON object: %r" % (repr(doc)[:200],))
+            raise ValueError("OKX instruments: not a JSON object: %s" % (shown(doc),))
         if str(doc.get("code")) != "0":
-            raise ValueError("OKX instruments: code %s: %s" % (doc.get("code"), doc.get("msg")))
-        out = []
-        for item in doc.get("data") or []:
-            info = self._symbol_info(item)
-            if info is not None:
-                out.append(info)
+            raise ValueError("OKX instruments: code %s: %s" % (exchange_text(doc.get("code"), 40),
+                                                                exchange_text(doc.get("msg"), 200)))
+        data = doc.get("data") or []
+        if not isinstance(data, list):
+            raise ValueError("OKX instruments: data is not a list")
+        out = listing.Listing()
+        for item in data:
+            out.take(lambda item: self._symbol_info(item, out), item)
         return out
 
     @staticmethod
-    def _symbol_info(item) -> SymbolInfo | None:
-        try:
-            name = item["instId"]
-            base, quote = item["baseCcy"].upper(), item["quoteCcy"].upper()
-        except (KeyError, AttributeError, TypeError):
-            return None
-        symbol = "%s-%s" % (base, quote)
-        if not isinstance(name, str) or not name or not rec.valid_symbol(symbol):
-            return None
+    def _symbol_info(item, out) -> SymbolInfo | None:
+        name = listing.exchange_name(item["instId"])
+        base, quote = listing.code(item["baseCcy"]), listing.code(item["quoteCcy"])
         if item.get("instType", "SPOT") != "SPOT":
             return None
         return SymbolInfo(
-            symbol=symbol, exchange_name=name, base=base, quote=quote, active=item.get("state") == "live",
-            tick_size=str(item.get("tickSz", "")), min_size=str(item.get("minSz", "")),
+            symbol="%s-%s" % (base, quote), exchange_name=name, base=base, quote=quote,
+            active=item.get("state") == "live",
+            tick_size=out.amount("tick_size", item.get("tickSz")), min_size=out.amount("min_size", item.get("minSz")),
         )
 
     def normalize(self, name: str) -> str:
-        symbol = name.upper() if isinstance(name, str) else ""
+        """BTC-USDT as listed; ValueError for anything else, non-ASCII names included (checked
+        before upper-casing: ``"US\u017fD".upper()`` is ``"USSD"``)."""
+        symbol = name.upper() if isinstance(name, str) and name.isascii() else ""
         if not rec.valid_symbol(symbol):
-            raise ValueError("not an OKX spot instId: %r" % (name,))
+            raise ValueError("not an OKX spot instId: %s" % (shown(name),))
         return symbol
 
     # -- REST trade history ---------------------------------------------------------------------
@@ -268,14 +268,7 @@ class Okx(Exchange):
                 if str(doc.get("code")) != "0":
                     raise HistoryError("OKX history-trades: code %s: %.200s" % (doc.get("code"), doc.get("msg")))
                 data = doc.get("data") or []
-                lowest = None
-                for item in data:
-                    row = history_row(rows, lambda d: _rest_trade(sym, d), item)
-                    tid = row[1] if row is not None else raw_id(item, "tradeId")
-                    if tid is not None and (lowest is None or tid < lowest):
-                        lowest = tid
-                    if row is not None and after[0] < tid < before[0]:
-                        rows.append(row)
+                lowest = scan_newest_first(rows, data, lambda d: _rest_trade(sym, d), "tradeId", after[0], before[0])
                 if len(data) < limit or lowest is None or lowest <= after[0]:
                     break
                 if lowest >= cursor:

@@ -19,8 +19,10 @@ Where the classes come from:
   private one). Every process imports the package (the supervisor, the
   forkserver's workers and writer, the tools) and inherits the environment,
   so all of them know the same exchanges;
-* every module of the ``mdlogger.fakes`` package, imported the first time a
-  fake is asked for (the service itself never loads the fakes).
+* every module of the ``mdlogger.fakes`` package, imported by that package
+  the first time a fake is asked for (``mdlogger.fakes.fake_class``; the
+  service itself never loads the fakes). This module imports neither
+  package: they import it.
 
 Names follow :func:`mdlogger.records.valid_exchange` (a-z, 0-9). Lists are in
 name order.
@@ -33,7 +35,7 @@ import os
 import pkgutil
 
 from .. import records as rec
-from ..settings import ConfigError
+from ..errors import ConfigError
 
 MODULES_ENV = "MDLOGGER_EXCHANGE_MODULES"
 
@@ -43,7 +45,6 @@ REQUIRED = ("default_ws_endpoint", "default_rest_endpoint", "channels", "max_cha
 
 ADAPTERS: dict[str, type] = {}  # name -> adapter class, in registration order
 FAKES: dict[str, type] = {}  # name -> fake exchange class
-_fakes_loaded = False
 
 
 def _where(cls: type) -> str:
@@ -95,30 +96,6 @@ def adapter_class(name: str) -> type:
         return ADAPTERS[name]
     except KeyError:
         raise ValueError("no adapter for exchange %r" % (name,)) from None
-
-
-def fake_class(name: str) -> type:
-    """The fake server class of an exchange."""
-    load_fakes()
-    try:
-        return FAKES[name]
-    except KeyError:
-        raise ValueError("no fake for exchange %r (have: %s)" % (name, ", ".join(sorted(FAKES)))) from None
-
-
-def fake_names() -> tuple[str, ...]:
-    """Every exchange that has a fake, in name order."""
-    load_fakes()
-    return tuple(sorted(FAKES))
-
-
-def load_fakes() -> None:
-    """Import every module of ``mdlogger.fakes`` once (their fake classes register themselves)."""
-    global _fakes_loaded
-    if not _fakes_loaded:
-        package = importlib.import_module("mdlogger.fakes")
-        import_package(package.__name__, package.__path__)
-        _fakes_loaded = True
 
 
 def import_package(package: str, path) -> None:

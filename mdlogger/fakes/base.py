@@ -158,6 +158,15 @@ class FakeExchange(FakeServer):
         """The value for ``exchanges.<name>.ws_endpoint`` that points at this fake."""
         return self.url_ws + self.ws_path
 
+    def config_section(self, symbols=None, **overrides) -> dict:
+        """An ``exchanges.<name>`` configuration section that points the logger at this fake: enabled, its
+        WebSocket and REST endpoints, and ``symbols`` (default: every symbol this fake trades), then
+        ``overrides`` (any other key of the section, e.g. timers) as given."""
+        section = {"enabled": True, "ws_endpoint": self.ws_endpoint, "rest_endpoint": self.url_http,
+                   "symbols": list(self.symbols if symbols is None else symbols)}
+        section.update(overrides)
+        return section
+
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
                  record: bool | None = None, max_client_msgs_per_sec: float | None = None,
                  trade_when_unsubscribed: bool = True, history_size: int = HISTORY_SIZE):
@@ -219,14 +228,24 @@ class FakeExchange(FakeServer):
         """Headers added to every REST reply (Binance: the weight used)."""
         return {}
 
+    # The exchange's REST error answers, declared by each fake: the rate-limit answer (its HTTP
+    # status, body, and whether it says Retry-After), the body of a 404, and of any other error.
+    rate_limited_status = 429
+    rate_limited_body = b'{"error":"too many requests"}'
+    rate_limited_retry_after = True
+    not_found_body = b'{"error":"unknown path"}'
+    error_body = b'{"error":"override"}'
+
     def rate_limited_answer(self, retry_after: int) -> tuple[int, dict, bytes]:
         """The exchange's answer to a client over its REST rate limit (used by ``rest_failures``)."""
-        return 429, dict(JSON, **{"Retry-After": str(retry_after)}), b'{"error":"too many requests"}'
+        headers = dict(JSON, **{"Retry-After": str(retry_after)}) if self.rate_limited_retry_after else dict(JSON)
+        return self.rate_limited_status, headers, self.rate_limited_body
 
     def error_answer(self, status: int, path: str) -> tuple[int, dict, bytes]:
         """The exchange's answer for an unknown path (404) or an injected status."""
-        what = "unknown path %s" % path if status == 404 else "override"
-        return status, dict(JSON), json.dumps({"error": what}).encode()
+        if status == 429:
+            return self.rate_limited_answer(1)
+        return status, dict(JSON), self.not_found_body if status == 404 else self.error_body
 
     def on_http(self, method, path, query, headers):
         now = time.monotonic()

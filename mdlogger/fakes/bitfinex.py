@@ -51,6 +51,11 @@ def pair_of(symbol: str) -> str:
 
 class FakeBitfinex(FakeExchange):
     name = "bitfinex"
+    rate_limited_status = 429
+    rate_limited_body = RATE_LIMITED
+    rate_limited_retry_after = False
+    not_found_body = b'["error",10020,"path: invalid"]'
+    error_body = b'["error",10000,"unknown error"]'
     ws_path = "/ws/2"
     default_symbols = ("BTC-USD", "ETH-USD", "BTC-USDT", "TESTBTC-TESTUSD")
 
@@ -83,16 +88,6 @@ class FakeBitfinex(FakeExchange):
             self.blocked_until = now + self.block_secs
             return self.rate_limited_answer(1)
         return None
-
-    def rate_limited_answer(self, retry_after: int):
-        return 429, dict(JSON), RATE_LIMITED
-
-    def error_answer(self, status: int, path: str):
-        if status == 429:
-            return self.rate_limited_answer(1)
-        if status == 404:
-            return 404, dict(JSON), b'["error",10020,"path: invalid"]'
-        return status, dict(JSON), b'["error",10000,"unknown error"]'
 
     def trades_hist(self, query: dict, symbol: str):
         """``/v2/trades/{symbol}/hist``: inclusive ``start``/``end`` on MTS, ``sort`` 1 or -1."""

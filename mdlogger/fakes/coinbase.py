@@ -55,6 +55,11 @@ def iso_from_ns(ns: int) -> str:
 
 class FakeCoinbase(FakeExchange):
     name = "coinbase"
+    rate_limited_status = 429
+    rate_limited_body = RATE_LIMITED
+    rate_limited_retry_after = False
+    not_found_body = b'{"message":"NotFound"}'
+    error_body = b'{"message":"Internal server error"}'
     default_symbols = ("BTC-USD", "ETH-USD", "SOL-USD", "ETH-BTC")
 
     def __init__(self, symbols=None, mode: str = "steady", rate: float = 5.0, seed: int = 1, port: int = 0,
@@ -78,16 +83,6 @@ class FakeCoinbase(FakeExchange):
 
     def rest_limit(self, path: str, now: float):
         return None if self.bucket.take(now) else self.rate_limited_answer(1)
-
-    def rate_limited_answer(self, retry_after: int):
-        return 429, dict(JSON), RATE_LIMITED
-
-    def error_answer(self, status: int, path: str):
-        if status == 429:
-            return self.rate_limited_answer(1)
-        if status == 404:
-            return 404, dict(JSON), b'{"message":"NotFound"}'
-        return status, dict(JSON), b'{"message":"Internal server error"}'
 
     def product_trades(self, query: dict, product: str):
         """``/products/{id}/trades``: newest first; ``after``/``before`` are trade_id cursors (exclusive)."""

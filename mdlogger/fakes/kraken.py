@@ -67,6 +67,11 @@ def micros(time_text: str) -> int:
 
 class FakeKraken(FakeExchange):
     name = "kraken"
+    rate_limited_status = 200
+    rate_limited_body = RATE_LIMITED
+    rate_limited_retry_after = False
+    not_found_body = b'{"error":["EGeneral:Unknown method"]}'
+    error_body = b'{"error":["EService:Unavailable"]}'
     batch_trades = True  # push_trades(symbol, n) sends the n trades in one frame
     default_symbols = ("BTC-USD", "ETH-USD", "DOGE-EUR", "ETH-BTC")
 
@@ -92,16 +97,6 @@ class FakeKraken(FakeExchange):
 
     def rest_limit(self, path: str, now: float):
         return None if self.bucket.take(now) else self.rate_limited_answer(1)
-
-    def rate_limited_answer(self, retry_after: int):
-        return 200, dict(JSON), RATE_LIMITED
-
-    def error_answer(self, status: int, path: str):
-        if status == 429:
-            return self.rate_limited_answer(1)
-        if status == 404:
-            return 404, dict(JSON), b'{"error":["EGeneral:Unknown method"]}'
-        return status, dict(JSON), b'{"error":["EService:Unavailable"]}'
 
     def trades(self, query: dict):
         """``/0/public/Trades``: oldest first, trades strictly after ``since`` (ns)."""

@@ -78,6 +78,10 @@ def merged_row(fills: list) -> dict:
 class FakeOkx(FakeExchange):
     ws_path = PATH
     name = "okx"
+    rate_limited_body = RATE_LIMITED
+    rate_limited_retry_after = False
+    not_found_body = b'{"code":"50030","msg":"Illegal request","data":[]}'
+    error_body = b'{"code":"50001","msg":"Service temporarily unavailable. Please try again later.","data":[]}'
     batch_trades = True  # push_trades(symbol, n) sends the n trades in one frame
     default_symbols = ("BTC-USDT", "ETH-USDT", "SOL-USDT", "ETH-BTC", "DOGE-USDT")
 
@@ -105,17 +109,6 @@ class FakeOkx(FakeExchange):
         if path == HISTORY_TRADES and not self.history_limiter.take(now):
             return self.rate_limited_answer(1)
         return None
-
-    def rate_limited_answer(self, retry_after: int):
-        return 429, dict(JSON), RATE_LIMITED
-
-    def error_answer(self, status: int, path: str):
-        if status == 429:
-            return self.rate_limited_answer(1)
-        if status == 404:
-            return 404, dict(JSON), b'{"code":"50030","msg":"Illegal request","data":[]}'
-        return status, dict(JSON), (b'{"code":"50001","msg":"Service temporarily unavailable. Please try again later.",'
-                                    b'"data":[]}')
 
     def history_trades(self, query: dict):
         """``/api/v5/market/history-trades``: newest first, ``after``/``before`` cursors (exclusive)."""

@@ -1,66 +1,71 @@
-"""Run the real service (a separate process tree) against loopback fakes, for tests."""
+"""Run the real service (a separate process tree) against loopback fakes, for tests.
+
+    with FakeBinance(symbols=["BTC-USDT"], mode="script") as fake, service_for(tmp_path, fake) as svc:
+        svc.wait_all_connected(1)
+        ...
+        assert svc.stop() == 0
+
+The configuration comes from the fakes themselves (``FakeExchange.config_section``: endpoints and
+symbols) plus the short timers of :data:`FAST_LOGGER` and :data:`FAST_RECONNECT`, which are test policy
+and so live here, not in the fakes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import psutil
 import yaml
 
+from .waiting import wait_for
 
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError("timed out after %.0f s waiting for %s (last: %r)" % (timeout, what, last))
+# Logger timers short enough for tests.
+FAST_LOGGER = {
+    "health_check_port": 0,
+    "flush_interval_secs": 0.2,
+    "heartbeat_timeout_secs": 5.0,
+    "stall_timeout_secs": 10.0,
+    "shutdown_timeout_secs": 10.0,
+    "healthy_run_secs": 5.0,
+    "restart_delay_secs": 0.2,
+    "max_restart_delay_secs": 1.0,
+    "fsync_interval_secs": 5.0,
+}
+
+# An exchange's reconnect and silence timers, short enough for tests.
+FAST_RECONNECT = {"reconnect_delay_secs": 0.1, "max_reconnect_delay_secs": 0.5, "silence_timeout_secs": 10.0}
 
 
 def fast_logger(data_path: str, **extra) -> dict:
-    """Logger settings with short timers, for tests."""
-    cfg = {
-        "data_path": data_path,
-        "health_check_port": 0,
-        "flush_interval_secs": 0.2,
-        "heartbeat_timeout_secs": 5.0,
-        "stall_timeout_secs": 10.0,
-        "shutdown_timeout_secs": 10.0,
-        "healthy_run_secs": 5.0,
-        "restart_delay_secs": 0.2,
-        "max_restart_delay_secs": 1.0,
-        "fsync_interval_secs": 5.0,
-    }
+    """The ``logger`` section: data in ``data_path``, an ephemeral health port, short timers, then ``extra``."""
+    cfg = {"data_path": str(data_path), **FAST_LOGGER}
     cfg.update(extra)
     return cfg
 
 
-def binance_section(port: int, symbols, **extra) -> dict:
-    cfg = {
-        "enabled": True,
-        "ws_endpoint": "ws://127.0.0.1:%d" % port,
-        "rest_endpoint": "http://127.0.0.1:%d" % port,
-        "symbols": list(symbols),
-        "reconnect_delay_secs": 0.1,
-        "max_reconnect_delay_secs": 0.5,
-        "silence_timeout_secs": 5.0,
-    }
-    cfg.update(extra)
-    return cfg
+def fast_section(fake, symbols=None, **overrides) -> dict:
+    """The fake's own section (``fake.config_section``) with the short reconnect timers, then ``overrides``."""
+    return fake.config_section(symbols, **{**FAST_RECONNECT, **overrides})
+
+
+def service_config(data_path, fakes, logger=None, symbols=None, **section) -> dict:
+    """A whole configuration: ``fast_logger(data_path, **logger)`` and one ``fast_section`` per fake
+    (``symbols`` and ``section`` apply to each)."""
+    return {"logger": fast_logger(data_path, **(logger or {})),
+            "exchanges": {fake.name: fast_section(fake, symbols, **section) for fake in fakes}}
 
 
 class Service:
-    """``mdlogger-supervisor --config <file> run`` in its own process."""
+    """``mdlogger-supervisor --config <file> run`` in its own process (a context manager: leaving it kills
+    whatever is left of the service)."""
 
     def __init__(self, tmp_path, config: dict, args=(), env=None):
         self.config_path = os.path.join(str(tmp_path), "logger.yaml")
@@ -79,6 +84,12 @@ class Service:
             start_new_session=True,
         )
         self.port = None
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ensure_dead()
 
     # -- observing ---------------------------------------------------------------
     def log_text(self) -> str:
@@ -125,6 +136,14 @@ class Service:
     def shards(self) -> list[dict]:
         return self.health()[1]["shards"]
 
+    def writer(self) -> dict:
+        """The writer's part of /health."""
+        return self.health()[1]["writer"]
+
+    def records(self, exchange: str | None = None) -> int:
+        """Records the shards (of one exchange, or all) received, from /health."""
+        return sum(s["records"] for s in self.shards() if exchange in (None, s["exchange"]))
+
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
@@ -162,3 +181,19 @@ class Service:
             self.proc.wait(10)
         if not self._log.closed:
             self._log.close()
+
+
+@contextlib.contextmanager
+def service(tmp_path, config: dict, args=(), env=None):
+    """The service started on ``config`` (its files in ``tmp_path``); killed, if still running, on leaving."""
+    svc = Service(tmp_path, config, args, env)
+    try:
+        yield svc
+    finally:
+        svc.ensure_dead()
+
+
+def service_for(tmp_path, fake, symbols=None, logger=None, data=None, **section):
+    """``service`` on one fake: ``service_config`` with data in ``<tmp_path>/data`` unless ``data``."""
+    data = data or os.path.join(str(tmp_path), "data")
+    return service(tmp_path, service_config(data, [fake], logger, symbols, **section))

@@ -24,6 +24,8 @@ import urllib.request
 
 import websocket
 
+from .waiting import wait_for
+
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
@@ -127,16 +129,14 @@ class Chromium:
             return ""
 
     def _wait(self, predicate, what: str, timeout: float | None = None):
-        deadline = time.monotonic() + (timeout or self.timeout)
-        while time.monotonic() < deadline:
+        def check():
             if self.proc is not None and self.proc.poll() is not None:
                 raise BrowserError("chromium exited with %s while waiting for %s; stderr:\n%s"
                                    % (self.proc.returncode, what, self.stderr_text()[-3000:]))
-            got = predicate()
-            if got:
-                return got
-            time.sleep(0.05)
-        raise BrowserError("timed out waiting for %s; chromium stderr:\n%s" % (what, self.stderr_text()[-3000:]))
+            return predicate()
+
+        return wait_for(check, timeout or self.timeout, 0.05, what,
+                        explain=lambda: "chromium stderr:\n%s" % self.stderr_text()[-3000:])
 
     def _http(self, path: str, method: str = "GET"):
         req = urllib.request.Request("http://127.0.0.1:%d%s" % (self.port, path), method=method)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-CAPTURES = os.path.join(os.path.dirname(__file__), "captures")
+CAPTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "captures")
 _RECV = re.compile(r"^(\d+\.\d+): (.*)$")
 
 
