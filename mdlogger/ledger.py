@@ -126,6 +126,15 @@ class Gap:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _release(fd: int, dirty: bool, _torn: bool) -> None:
+    """Close one ledger file, fsyncing it first when it was written since the last sync."""
+    try:
+        if dirty:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class GapLedger:
     """Appends gap states to the ledger files of one data path. Thread-safe.
 
@@ -173,12 +182,7 @@ class GapLedger:
         entry = [fd, False, _ends_torn(path)]
         self._files[key] = entry
         while len(self._files) > MAX_OPEN_FILES:
-            _, (old_fd, dirty, _torn) = self._files.popitem(last=False)
-            try:
-                if dirty:
-                    os.fsync(old_fd)
-            finally:
-                os.close(old_fd)
+            _release(*self._files.popitem(last=False)[1])
         return entry
 
     def sync(self) -> None:
@@ -192,12 +196,7 @@ class GapLedger:
     def close(self) -> None:
         with self._lock:
             while self._files:
-                _, (fd, dirty, _torn) = self._files.popitem(last=False)
-                try:
-                    if dirty:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _release(*self._files.popitem(last=False)[1])
 
     def __enter__(self) -> "GapLedger":
         return self

@@ -128,16 +128,21 @@ def row_width(kind: int) -> int:
     return sum(c.width for c in COLUMNS[kind])
 
 
-def table_rows(data_path: str, key: TableKey) -> dict[str, int]:
-    """Whole rows per column file on disk (missing file = 0)."""
+def column_sizes(data_path: str, key: TableKey) -> dict[str, int | None]:
+    """Bytes in each column file of a table (None: the file is missing), in column order."""
     out = {}
     for column in COLUMNS[key.kind]:
         try:
-            size = os.stat(column_path(data_path, key, column)).st_size
+            out[column.name] = os.stat(column_path(data_path, key, column)).st_size
         except FileNotFoundError:
-            size = 0
-        out[column.name] = size // column.width
+            out[column.name] = None
     return out
+
+
+def table_rows(data_path: str, key: TableKey) -> dict[str, int]:
+    """Whole rows per column file on disk (missing file = 0)."""
+    sizes = column_sizes(data_path, key)
+    return {c.name: (sizes[c.name] or 0) // c.width for c in COLUMNS[key.kind]}
 
 
 def repair_table(data_path: str, key: TableKey) -> dict[str, int]:
@@ -146,18 +151,16 @@ def repair_table(data_path: str, key: TableKey) -> dict[str, int]:
     Returns ``{column: bytes cut}`` for the columns that were cut (empty when
     the table was whole). A column file that is missing counts as zero rows.
     """
-    rows = table_rows(data_path, key)
-    keep = min(rows.values())
+    sizes = column_sizes(data_path, key)
+    keep = min((sizes[c.name] or 0) // c.width for c in COLUMNS[key.kind])
     cut = {}
     for column in COLUMNS[key.kind]:
-        path = column_path(data_path, key, column)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+        size = sizes[column.name]
+        if size is None:
             continue
         want = keep * column.width
         if size != want:
-            with open(path, "r+b") as fh:
+            with open(column_path(data_path, key, column), "r+b") as fh:
                 fh.truncate(want)
                 os.fsync(fh.fileno())
             cut[column.name] = size - want

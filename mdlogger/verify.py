@@ -32,7 +32,7 @@ from .exchanges import ADAPTERS, exchange_names
 from .ledger import normalize_day, read_gaps
 from .records import COLUMNS, KIND_TRADES, TRADE_COLUMNS, day_index, day_string
 from .seal import file_sha256, load_manifest, manifest_path
-from .storage import TableKey, column_path, iter_tables, last_trades, table_rows
+from .storage import TableKey, column_path, column_sizes, iter_tables, last_trades, table_rows
 
 LEDGER_DAYS_BACK = 7  # a gap covering a jump may have started up to this many days earlier
 MAX_JUMP_LINES = 5  # uncovered id jumps reported one by one per table; the rest are counted
@@ -111,13 +111,13 @@ def _read_array(path: str, code: str, rows: int) -> array:
 def _check_table(data_path: str, key: TableKey, consecutive: bool, gaps: "_GapIndex") -> list[str]:
     problems = []
     rows = {}
+    sizes = column_sizes(data_path, key)
     for column in COLUMNS[key.kind]:
-        path = column_path(data_path, key, column)
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+        size = sizes[column.name]
+        if size is None:
             rows[column.name] = None
             continue
+        path = column_path(data_path, key, column)
         rows[column.name] = size // column.width
         if size % column.width:
             problems.append("%s: %d bytes is not a whole number of %d-byte rows (%d rows and %d bytes over)"
