@@ -10,9 +10,15 @@ Measured in one run, on the same machine, against the same fake firehose:
 2. the service with one Binance shard: trades per second landed on disk,
    counted from the files;
 3. the service with two shards (the writer shares the two cores);
-4. the service at a steady realistic rate: receive-to-file latency p50/p99
-   (the time a row appears in its file minus the trade time the fake stamped),
-   and the whole process tree's PSS memory and CPU.
+4. the service at a steady realistic rate, with default settings (the
+   flush interval is the service's default, 0.05 s, unless ``--flush`` is
+   given): receive-to-file latency p50/p99 (the time a row appears in its
+   file minus the trade time the fake stamped), and the whole process tree's
+   PSS memory and CPU.
+
+Every run uses the service's default settings apart from the endpoints,
+the symbols and the shard layout. Rows are counted from the TRADES column
+files' sizes (bench/benchlib.py), not through the writer's code.
 
 Prints medians over ``--repeat`` runs and ratios against the baseline.
 """
@@ -34,12 +40,9 @@ import time
 import psutil
 import websocket
 import yaml
+from benchlib import ROOT, machine_line, trade_rows_by_table, trades_on_disk
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mdlogger.cli import start_fake  # noqa: E402
-from mdlogger.storage import iter_tables, table_rows  # noqa: E402
+from mdlogger.cli import start_fake
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 
@@ -64,14 +67,6 @@ def bare_loop(port: int, seconds: float) -> float:
     elapsed = time.monotonic() - start
     ws.close()
     return n / elapsed
-
-
-def trades_on_disk(data_path: str) -> int:
-    total = 0
-    for key in iter_tables(data_path):
-        if key.table == "TRADES":
-            total += min(table_rows(data_path, key).values())
-    return total
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -101,13 +96,15 @@ def tree_cpu(pid: int) -> float:
 
 
 class ServiceRun:
-    def __init__(self, port: int, shards: int, flush: float = 1.0):
+    def __init__(self, port: int, shards: int, flush: float | None = None):
         self.dir = tempfile.mkdtemp(prefix="mdlogger-bench-")
         self.data = os.path.join(self.dir, "data")
         per = max(1, -(-len(SYMBOLS) // shards))
+        logger = {"data_path": self.data, "health_check_port": 0}
+        if flush is not None:  # else the service's default
+            logger["flush_interval_secs"] = flush
         config = {
-            "logger": {"data_path": self.data, "health_check_port": 0, "flush_interval_secs": flush,
-                       "worker_buffer_bytes": 64 << 20},
+            "logger": logger,
             "exchanges": {"binance": {
                 "enabled": True, "ws_endpoint": "ws://127.0.0.1:%d" % port,
                 "rest_endpoint": "http://127.0.0.1:%d" % port, "symbols": SYMBOLS,
@@ -143,7 +140,7 @@ def service_throughput(port: int, shards: int, seconds: float) -> float:
         run.stop()
 
 
-def steady_latency(port: int, seconds: float, flush: float) -> dict:
+def steady_latency(port: int, seconds: float, flush: float | None) -> dict:
     """Receive-to-file latency (ms) of every trade, plus PSS and CPU of the tree."""
     run = ServiceRun(port, 1, flush=flush)
     try:
@@ -157,14 +154,12 @@ def steady_latency(port: int, seconds: float, flush: float) -> dict:
         pss = []
         while time.monotonic() < end:
             now_ms = time.time() * 1000
-            for key in iter_tables(run.data):
-                if key.table != "TRADES":
-                    continue
-                base = os.path.join(run.data, "binance", key.symbol, "TRADES")
-                path_t = os.path.join(base, "time.%s.bin" % key.day)
-                path_n = os.path.join(base, "nanos.%s.bin" % key.day)
-                rows = min(table_rows(run.data, key).values())
-                done = seen.get(key.symbol, 0)
+            for (exchange, symbol, day), rows in trade_rows_by_table(run.data).items():
+                base = os.path.join(run.data, exchange, symbol, "TRADES")
+                path_t = os.path.join(base, "time.%s.bin" % day)
+                path_n = os.path.join(base, "nanos.%s.bin" % day)
+                key = (symbol, day)
+                done = seen.get(key, 0)
                 if rows > done:
                     with open(path_t, "rb") as ft, open(path_n, "rb") as fn:
                         ft.seek(done * 4)
@@ -173,7 +168,7 @@ def steady_latency(port: int, seconds: float, flush: float) -> dict:
                         nans = struct.unpack("<%dI" % (rows - done), fn.read((rows - done) * 4))
                     if done:  # skip the first batch (start-up)
                         lat.extend(now_ms - (s * 1000 + n / 1e6) for s, n in zip(secs, nans))
-                    seen[key.symbol] = rows
+                    seen[key] = rows
             pss.append(tree_pss(run.proc.pid))
             time.sleep(0.005)
         cpu = (tree_cpu(run.proc.pid) - cpu0) / (time.monotonic() - t0)
@@ -194,7 +189,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--steady-rate", type=float, default=50.0, help="trades/s per symbol for the latency run")
-    ap.add_argument("--flush", type=float, default=1.0, help="flush_interval_secs for the latency run")
+    ap.add_argument("--flush", type=float, default=None,
+                    help="flush_interval_secs for the latency run (default: the service's default)")
     args = ap.parse_args()
     results = {"bare": [], "one_shard": [], "two_shards": []}
     fake = start_fake("binance", mode="firehose", extra=["--symbols", ",".join(SYMBOLS)])
@@ -213,12 +209,13 @@ def main() -> None:
         steady.stop()
     med = {k: statistics.median(v) for k, v in results.items()}
     print()
-    print("machine: %s, %d cores, Python %s" % (os.uname().machine, os.cpu_count(), sys.version.split()[0]))
+    print(machine_line())
     print("median of %d runs of %.0f s each:" % (args.repeat, args.seconds))
     print("  bare websocket-client loop : %9.0f frames/s" % med["bare"])
     print("  service, 1 shard           : %9.0f trades/s on disk  (%.2fx)" % (med["one_shard"], med["one_shard"] / med["bare"]))
     print("  service, 2 shards          : %9.0f trades/s on disk  (%.2fx)" % (med["two_shards"], med["two_shards"] / med["bare"]))
-    print("steady %.0f trades/s/symbol x %d symbols, flush %.2f s:" % (args.steady_rate, len(SYMBOLS), args.flush))
+    print("steady %.0f trades/s/symbol x %d symbols, flush interval %s:" % (
+        args.steady_rate, len(SYMBOLS), "%.3f s" % args.flush if args.flush is not None else "default"))
     print("  receive-to-file latency p50 %.1f ms, p99 %.1f ms (%d trades)" % (lat["p50_ms"], lat["p99_ms"], lat["samples"]))
     print("  process tree PSS %.1f MB, CPU %.2f cores" % (lat["pss_mb"], lat["cpu_cores"]))
 

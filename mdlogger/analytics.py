@@ -1,9 +1,11 @@
 """Market figures per exchange and symbol, from the rows the writer stored.
 
 A thread of the supervisor (:class:`AnalyticsThread`) reads the rows
-appended to today's TRADES files since its last pass (read-only, through the
-storage's one column reader, ``storage.read_columns``), so the figures come
-from exactly what is on disk and the write path does no extra work at all.
+appended to today's TRADES files (read-only, through the storage's one column
+reader, ``storage.read_columns``), so the figures come from exactly what is
+on disk. It reads only the tables the writer's "written" feed names, from
+its offset up to the row total the writer gives: the writer sends one small
+datagram a second at most and never waits for it.
 
 :class:`Analytics` is the pure engine: per symbol, for the current reporting
 interval (aligned to multiples of ``interval_secs`` of trade time), the last
@@ -18,15 +20,19 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import json
 import logging
 import math
 import operator
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 from . import records as rec
 from .backoff import Backoff
+from .exchanges.registry import is_exchange
 from .logs import Throttle, escape
 from .storage import KIND_BY_TABLE, TableKey, iter_tables, read_columns, whole_rows
 
@@ -65,18 +71,17 @@ class Window:
         if large:
             self.add_large(sec, price, size, side)
 
-    def add_many(self, times, prices, sizes, sides, notionals, large_threshold: float) -> None:
-        """Many trades at once with C-level loops (the common case: one interval, one day)."""
-        self.count += len(prices)
-        self.notional += math.fsum(notionals)
-        self.volume += math.fsum(sizes)
-        self.high = max(self.high, max(prices))
-        self.low = min(self.low, min(prices))
-        self.buy_volume += math.fsum(itertools.compress(sizes, map(rec.SIDE_BUY.__eq__, sides)))
-        self.sell_volume += math.fsum(itertools.compress(sizes, map(rec.SIDE_SELL.__eq__, sides)))
-        if large_threshold:
-            for i in itertools.compress(range(len(prices)), map(large_threshold.__le__, notionals)):
-                self.add_large(times[i], prices[i], sizes[i], sides[i])
+    def add_block(self, block: "Block", times, prices, sizes, sides, large: list) -> None:
+        """Many trades at once: their sums, computed once by :meth:`Block.of` for every window they fall in."""
+        self.count += block.count
+        self.notional += block.notional
+        self.volume += block.volume
+        self.high = max(self.high, block.high)
+        self.low = min(self.low, block.low)
+        self.buy_volume += block.buy_volume
+        self.sell_volume += block.sell_volume
+        for i in large:
+            self.add_large(times[i], prices[i], sizes[i], sides[i])
 
     def add_large(self, sec: int, price: float, size: float, side: int) -> None:
         self.large_count += 1
@@ -99,6 +104,27 @@ class Window:
             "large_trades": self.large_count,
             "large": list(self.large),
         }
+
+
+@dataclass(frozen=True)
+class Block:
+    """The sums of a run of trades, made with C-level loops, once, then added to each window they fall in."""
+
+    count: int
+    notional: float
+    volume: float
+    high: float
+    low: float
+    buy_volume: float
+    sell_volume: float
+
+    @classmethod
+    def of(cls, prices, sizes, sides, notionals) -> "Block":
+        return cls(
+            len(prices), math.fsum(notionals), math.fsum(sizes), max(prices), min(prices),
+            math.fsum(itertools.compress(sizes, map(rec.SIDE_BUY.__eq__, sides))),
+            math.fsum(itertools.compress(sizes, map(rec.SIDE_SELL.__eq__, sides))),
+        )
 
 
 def ratio(a: float, b: float) -> float | None:
@@ -125,8 +151,14 @@ class SymbolStats:
         self.previous = Window()
         self.day = Window()
         self.sizes: collections.deque = collections.deque(maxlen=MEDIAN_WINDOW)
-        self.sorted_sizes: list[float] = []
+        self._sorted: list[float] | None = []  # self.sizes sorted; None: to be sorted again when asked
         self.last_price = math.nan
+
+    @property
+    def sorted_sizes(self) -> list[float]:
+        if self._sorted is None:
+            self._sorted = sorted(self.sizes)
+        return self._sorted
 
     def median_size(self) -> float:
         s = self.sorted_sizes
@@ -136,11 +168,17 @@ class SymbolStats:
         return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
     def _remember_size(self, size: float) -> None:
+        """One size, the sorted list kept up to date (the median rule asks for it on every trade)."""
+        s = self.sorted_sizes
         if len(self.sizes) == self.sizes.maxlen:
-            old = self.sizes[0]
-            del self.sorted_sizes[bisect.bisect_left(self.sorted_sizes, old)]
+            del s[bisect.bisect_left(s, self.sizes[0])]
         self.sizes.append(size)
-        bisect.insort(self.sorted_sizes, size)
+        bisect.insort(s, size)
+
+    def remember_sizes(self, sizes) -> None:
+        """Many sizes at once (the fast path: no median rule): sorted again only when the median is asked for."""
+        self.sizes.extend(sizes[-MEDIAN_WINDOW:])
+        self._sorted = None
 
 
 class Analytics:
@@ -200,30 +238,37 @@ class Analytics:
             if stats is None:
                 stats = self.symbols[key] = SymbolStats(self.interval)
             lo, hi = min(times), max(times)
-            start = lo - lo % self.interval
-            fast = (hi < start + self.interval and start == stats.current.start
-                    and lo - lo % 86400 == stats.day.start and not self.large_median_multiple)
-            if not fast:
+            start, day_start = lo - lo % self.interval, lo - lo % 86400
+            fast = (hi < start + self.interval and hi < day_start + 86400 and not self.large_median_multiple
+                    and start >= stats.current.start and day_start >= stats.day.start)
+            if fast:
+                self._roll(stats, start, day_start)  # (the first rows of a symbol, or of a new interval)
+            else:
                 for row in zip(times, prices, sizes, sides):
                     self._add_one(key, stats, *row)
                 return
             notionals = list(map(operator.mul, prices, sizes))
             threshold = self.per_symbol_notional.get("%s:%s" % key, self.large_notional)
-            stats.current.add_many(times, prices, sizes, sides, notionals, threshold)
-            stats.day.add_many(times, prices, sizes, sides, notionals, threshold)
-            for size in sizes[-MEDIAN_WINDOW:]:
-                stats._remember_size(size)
+            block = Block.of(prices, sizes, sides, notionals)
+            large = list(itertools.compress(range(len(prices)), map(threshold.__le__, notionals))) if threshold else []
+            stats.current.add_block(block, times, prices, sizes, sides, large)
+            stats.day.add_block(block, times, prices, sizes, sides, large)
+            stats.remember_sizes(sizes)
             stats.last_price = prices[-1]
 
-    def _add_one(self, key, stats: SymbolStats, sec: int, price: float, size: float, side: int) -> None:
-        start = sec - sec % self.interval
+    def _roll(self, stats: SymbolStats, start: int, day_start: int) -> None:
+        """Move a symbol's windows on to the interval starting at ``start`` and the day at ``day_start``."""
         if start > stats.current.start:
             # a new interval: the current one becomes the last complete one
             stats.previous = stats.current if stats.current.start + self.interval == start else Window(start - self.interval)
             stats.current = Window(start)
-        day_start = sec - sec % 86400
         if day_start > stats.day.start:
             stats.day = Window(day_start)
+
+    def _add_one(self, key, stats: SymbolStats, sec: int, price: float, size: float, side: int) -> None:
+        start = sec - sec % self.interval
+        day_start = sec - sec % 86400
+        self._roll(stats, start, day_start)
         large = self.is_large(key, stats, price, size)
         if start == stats.current.start:
             stats.current.add(sec, price, size, side, large)
@@ -282,51 +327,155 @@ def _g(x) -> str:
 class AnalyticsThread(threading.Thread):
     """Reads new TRADES rows of today's files and feeds the engine; logs a table each interval.
 
+    Which rows: the writer says which tables it appended to. Its "written"
+    feed (a SEQPACKET socket; ``docs/ARCHITECTURE.md``, "Analytics") carries,
+    at most once a second, datagrams ``{"op": "written", "tables": [[exchange,
+    symbol, day, rows_on_disk_total], ...]}``; the thread waits on it (and on
+    its wake-up socket: a stop, a new feed) and reads each named table of today
+    from its offset up to the total given: no directory is listed and no file
+    stat'ed for a table that did not change. At its start, and whenever it is
+    given a new feed (a writer (re)start: that writer, or the one before it,
+    may have written rows no datagram will name), it walks today's tables once
+    to catch up (:meth:`poll`), and once more when the feed ends (the writer's
+    last rows). A thread made without a feed and with ``fed`` false walks on
+    every pass instead (a thread used on its own, as in some tests).
+
     A pass never ends the thread: files that cannot be read are read again at
-    the next pass, after a capped backoff; rows the engine fails on are left
-    out (the same rows would fail again: the engine is a function of them) and
-    counted. Either way the failure is logged at most once a minute per kind,
-    with the count held back (an unexpected one with its traceback), and counted
-    in ``errors``. A thread that ends anyway (the supervisor's loop checks) is
-    replaced by one given this one's ``offsets``, so no row is counted twice.
+    the next pass, after a capped backoff (named tables stay named until they
+    are read); rows the engine fails on are left out (the same rows would fail
+    again: the engine is a function of them) and counted. Either way the
+    failure is logged at most once a minute per kind, with the count held back
+    (an unexpected one with its traceback), and counted in ``errors``. A
+    malformed datagram is counted (``bad_datagrams``, and in ``errors``), logged
+    the same way and ignored: totals are cumulative, so the next datagram or
+    walk covers its tables. A thread that ends anyway (the supervisor's loop
+    checks) is replaced by one given this one's ``offsets`` and feed, so no row
+    is counted twice. At a new UTC day the offsets of other days are dropped.
     """
 
     POLL_SECS = 1.0
     MAX_RETRY_SECS = 60.0
+    FEED_MAX = 1 << 17  # largest datagram read (the writer sends at most 60 KiB); longer ones are malformed
+    FEED_BATCH = 256  # datagrams read per pass at most (the rest wait for the next pass, at once)
 
     def __init__(self, data_path: str, engine: Analytics, stop: threading.Event, clock=time.time,
-                 offsets: dict | None = None):
+                 offsets: dict | None = None, feed: socket.socket | None = None, fed: bool | None = None):
         super().__init__(name="analytics", daemon=True)
         self.data_path = data_path
         self.engine = engine
         self.stop_event = stop
         self.clock = clock
         self.offsets: dict[TableKey, int] = dict(offsets or {})
+        self.fed = feed is not None if fed is None else fed  # rows are read as the feed names them
+        self.feed: socket.socket | None = None  # the thread's own: only it reads and closes it
+        self.named: dict[TableKey, int] = {}  # tables the feed named, not read yet -> rows on disk
+        self.catch_up_due = True  # walk today's tables once (start, new feed, feed ended)
+        self.day = ""  # the UTC day of the last pass
         self.last_log = clock()
-        self.errors = 0  # failed passes and tables the engine failed on
+        self.errors = 0  # failed passes, tables the engine failed on, malformed datagrams
         self.skipped_rows = 0  # rows of those tables, left out of the figures
+        self.bad_datagrams = 0
+        self.failing = False  # the last pass failed: wait out the backoff, feed or not
         self._backoff = Backoff(self.POLL_SECS, self.MAX_RETRY_SECS)
         self._lines = Throttle(60.0, 10)
+        self._feed_lock = threading.Lock()
+        self._new_feed: socket.socket | None = feed  # handed over, taken by the next pass
+        self._wake_r: socket.socket | None = None  # made by run(): a thread never started holds no socket
+        self._wake_w: socket.socket | None = None
 
+    # -- the supervisor's calls (any thread) -----------------------------------------
+    def set_feed(self, feed: socket.socket) -> None:
+        """A new writer's feed: the next pass closes the old one, walks to catch up, then follows this one."""
+        with self._feed_lock:
+            unread, self._new_feed = self._new_feed, feed
+        if unread is not None:
+            unread.close()  # (a newer writer's feed replaces one never taken)
+        self.wake()
+
+    def take_feed(self) -> socket.socket | None:
+        """The newest feed, for the thread that replaces this one (call only once this one has ended)."""
+        with self._feed_lock:
+            feed, self._new_feed = self._new_feed, None
+        if feed is None:
+            feed, self.feed = self.feed, None
+        elif self.feed is not None:
+            self.feed.close()
+            self.feed = None
+        return feed
+
+    def close_feed(self) -> None:
+        """Close the feed (once the thread has ended and the writer has exited: the service's stop)."""
+        feed = self.take_feed()
+        if feed is not None:
+            feed.close()
+
+    def wake(self) -> None:
+        """Cut the current wait short (a new feed; a stop)."""
+        wake = self._wake_w
+        try:
+            if wake is not None:
+                wake.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (the thread has ended)
+            pass
+
+    # -- the thread -------------------------------------------------------------------
     def run(self) -> None:
-        delay = self.POLL_SECS
-        while not self.stop_event.wait(delay):
-            delay = self.step()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        try:
+            delay = 0.0  # the first pass at once: catch up
+            while not self._wait(delay):
+                delay = self.step()
+        finally:
+            # The feed stays open: a writer still draining must not meet a closed socket (the supervisor
+            # closes it once the writer has exited: close_feed), and a replacement thread takes it over.
+            self._wake_w.close()
+            self._wake_r.close()
+
+    def _wait(self, delay: float) -> bool:
+        """Until the feed has datagrams, a wake-up comes or ``delay`` passes; True when the thread must stop.
+
+        After a failed pass only a wake-up cuts the backoff short: the feed may stay readable."""
+        if self.stop_event.is_set():
+            return True
+        waiting = select.poll()
+        waiting.register(self._wake_r, select.POLLIN)
+        if self.feed is not None and not self.failing:
+            waiting.register(self.feed, select.POLLIN)
+        waiting.poll(max(0.0, delay) * 1000)
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except OSError:
+            pass
+        return self.stop_event.is_set()
 
     def step(self) -> float:
         """One pass (read new rows, log the table when due); returns the seconds to the next one."""
         try:
-            self.poll()
+            self._new_day()
+            if self.fed:
+                self._adopt_feed()
+                self.read_feed()
+                if self.catch_up_due:
+                    self.poll()
+                    self.catch_up_due = False
+                self.follow()
+            else:
+                self.poll()
             self.log_table()
         except OSError as exc:
             return self._failed("cannot read the files: %s" % (exc,), exc, with_traceback=False)
         except Exception as exc:  # noqa: BLE001 - the last resort: a pass never ends the thread
             return self._failed("unexpected %s: %s" % (type(exc).__name__, exc), exc, with_traceback=True)
         self._backoff.reset()
+        self.failing = False
         return self.POLL_SECS
 
     def _failed(self, what: str, exc: BaseException, with_traceback: bool) -> float:
         self.errors += 1
+        self.failing = True
         delay = self._backoff.next_delay()
         said = self._lines.admit(type(exc).__name__)
         if said is not None:
@@ -334,6 +483,91 @@ class AnalyticsThread(threading.Thread):
             log.warning("analytics: %s%s; next try in %.1f s", escape(what), held, delay,
                         exc_info=exc if with_traceback else None)
         return delay
+
+    def _note(self, key: str, what: str) -> None:
+        """Log a problem that is not a failed pass, at most once a minute per kind (with the count held back)."""
+        said = self._lines.admit(key)
+        if said is not None:
+            held = " (%d more like it in the last %.0f s)" % said if said[0] else ""
+            log.warning("analytics: %s%s", escape(what), held)
+
+    def _new_day(self) -> None:
+        """At a new UTC day, forget the offsets and named tables of other days (never read again)."""
+        today = rec.day_string(int(self.clock()))
+        if today != self.day:
+            if self.day:
+                self.offsets = {k: v for k, v in self.offsets.items() if k.day == today}
+                self.named = {k: v for k, v in self.named.items() if k.day == today}
+            self.day = today
+
+    def _adopt_feed(self) -> None:
+        with self._feed_lock:
+            new, self._new_feed = self._new_feed, None
+        if new is None:
+            return
+        if self.feed is not None:
+            self.feed.close()
+        new.setblocking(False)
+        self.feed = new
+        self.catch_up_due = True  # rows written before this feed existed are named by no datagram
+
+    def read_feed(self) -> int:
+        """Take the datagrams waiting on the feed into ``named``; returns how many were read.
+
+        The feed's end (its writer exited) or an error on it: the feed is closed and a catch-up walk is due
+        (the writer's last rows); the supervisor hands over the next writer's feed."""
+        feed = self.feed
+        count = 0
+        while feed is not None and count < self.FEED_BATCH:
+            try:
+                data, _ancillary, flags, _address = feed.recvmsg(self.FEED_MAX)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._note("feed", "the writer's feed failed (%s); reading it no more" % (exc,))
+                data, flags = b"", 0
+            if not data:  # the end: the writer exited
+                feed.close()
+                self.feed = feed = None
+                self.catch_up_due = True
+                break
+            count += 1
+            tables = None if flags & socket.MSG_TRUNC else parse_written(data)
+            if tables is None:
+                self.bad_datagrams += 1
+                self.errors += 1
+                self._note("datagram", "malformed datagram on the writer's feed ignored (%d bytes): %r"
+                           % (len(data), data[:80]))
+                continue
+            for key, total in tables:
+                if total > self.named.get(key, -1):
+                    self.named[key] = total
+        return count
+
+    def follow(self) -> int:
+        """Read the rows of the tables the feed named (today's), each from its offset to the total given;
+        returns the rows taken. A table that cannot be read (OSError) stays named for the next pass."""
+        taken = 0
+        for key, total in list(self.named.items()):
+            if key.day == self.day:
+                done = self.offsets.get(key, 0)
+                if total > done:
+                    try:
+                        columns = read_columns(self.data_path, key, FIGURE_COLUMNS, done, total)
+                    except OSError:
+                        raise  # (the pass fails; the table stays named)
+                    except Exception as exc:  # noqa: BLE001 - e.g. fewer rows on disk than the feed said
+                        del self.named[key]
+                        self.catch_up_due = True  # the walk reads what the files really hold
+                        self.errors += 1
+                        self._note("feed-table", "rows %d..%d of %s/%s named by the writer's feed cannot be read "
+                                   "(%s: %s); walking today's tables instead" % (done, total, key.exchange,
+                                                                                 key.symbol, type(exc).__name__, exc))
+                        continue
+                    self._take(key, done, total, columns)
+                    taken += total - done
+            del self.named[key]
+        return taken
 
     def log_table(self) -> None:
         if self.clock() - self.last_log >= self.engine.interval:
@@ -343,7 +577,8 @@ class AnalyticsThread(threading.Thread):
                 log.info("most active symbols over the last %d s:\n%s", self.engine.interval, format_table(rows))
 
     def poll(self) -> int:
-        """Read what was appended since the last poll; returns the rows taken."""
+        """Walk every TRADES table of today and read what was appended since the last read (the catch-up
+        walk: listdir of every table directory, a stat of every column); returns the rows taken."""
         today = rec.day_string(int(self.clock()))
         taken = 0
         for key in iter_tables(self.data_path, {today}):
@@ -353,15 +588,40 @@ class AnalyticsThread(threading.Thread):
             done = self.offsets.get(key, 0)
             if rows > done:
                 columns = read_columns(self.data_path, key, FIGURE_COLUMNS, done, rows)  # (OSError: read again)
-                try:
-                    self.engine.add_columns(key.exchange, key.symbol, *columns)
-                except Exception as exc:  # noqa: BLE001 - the same rows would fail again: leave them out
-                    self.skipped_rows += rows - done
-                    self._failed("%d rows of %s/%s left out: %s: %s" % (rows - done, key.exchange, key.symbol,
-                                                                        type(exc).__name__, exc), exc, True)
-                self.offsets[key] = rows
+                self._take(key, done, rows, columns)
                 taken += rows - done
         return taken
+
+    def _take(self, key: TableKey, done: int, rows: int, columns) -> None:
+        """Rows ``done..rows`` of a table to the engine; the offset moves on even if the engine fails on them."""
+        try:
+            self.engine.add_columns(key.exchange, key.symbol, *columns)
+        except Exception as exc:  # noqa: BLE001 - the same rows would fail again: leave them out
+            self.skipped_rows += rows - done
+            self._failed("%d rows of %s/%s left out: %s: %s" % (rows - done, key.exchange, key.symbol,
+                                                                type(exc).__name__, exc), exc, True)
+        self.offsets[key] = rows
+
+
+def parse_written(data: bytes) -> list[tuple[TableKey, int]] | None:
+    """The TRADES tables and row totals of one "written" datagram, or None when it is malformed (not
+    JSON, another op, or any entry not ``[registered exchange, valid symbol, day string, int >= 0]``)."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(msg, dict) or msg.get("op") != "written" or not isinstance(msg.get("tables"), list):
+        return None
+    out = []
+    for entry in msg["tables"]:
+        if not isinstance(entry, list) or len(entry) != 4:
+            return None
+        exchange, symbol, day, total = entry
+        if not (is_exchange(exchange) and isinstance(symbol, str) and rec.valid_symbol(symbol)
+                and isinstance(day, str) and type(total) is int and total >= 0):
+            return None
+        out.append((TableKey(exchange, symbol, rec.KIND_TRADES, day), total))
+    return out
 
 
 def thresholds_from_settings(settings) -> tuple[float, float, dict]:

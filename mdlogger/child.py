@@ -31,9 +31,12 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing.connection
+import multiprocessing.util
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -41,6 +44,7 @@ from typing import Callable, Iterable
 
 from . import transport
 from .backoff import Backoff
+from .budget import RUNTIME_DIR
 from .stats import WORKER_FIELDS, Block, Note
 from .worker import EXIT_FATAL, WorkerSpec, worker_main
 from .writer import writer_main
@@ -164,6 +168,77 @@ def describe_exit(code: int | None) -> str:
     return "exited with code %d" % code
 
 
+SOCKET_PATH_MAX = 107  # bytes of a Unix socket path: sun_path holds 108 with the terminating NUL
+# What multiprocessing puts under the temp directory for the forkserver's listening socket:
+# util.get_temp_dir() makes "pymp-XXXXXXXX" under tempfile.gettempdir(), and
+# connection.arbitrary_address() names the socket "listener-XXXXXXXX" in it.
+FORKSERVER_DIR_NAME = "pymp-XXXXXXXX"
+FORKSERVER_SOCKET_NAME = "listener-XXXXXXXX"
+SHORT_DIR_PREFIX = "mdlogger-"  # + 8 random characters (tempfile.mkdtemp)
+SHORT_DIR_BASES = ("/tmp",)  # where a private directory is made first (then the data directory's .run)
+
+
+class SocketDirError(Exception):
+    """No directory short enough for the forkserver's socket: a one-line message for the operator."""
+
+
+def forkserver_socket_dir(data_path: str, bases: Iterable[str] | None = None) -> str | None:
+    """Make sure the forkserver's Unix socket path fits; call before the forkserver starts.
+
+    The forkserver binds its socket under ``tempfile.gettempdir()`` (TMPDIR),
+    two names deep; with a long TMPDIR (about 75 characters or more) the bind
+    fails with "AF_UNIX path too long" and no child can start. When the path
+    would not fit, a private directory (``tempfile.mkdtemp``: mode 0700, a
+    random name) is made under the first of ``bases`` where the path fits and
+    that can be written: ``/tmp`` (where the socket goes with the usual
+    TMPDIR; under systemd's ``PrivateTmp`` it is the service's own), else the
+    data directory's ``.run`` (the service can always write there), and
+    multiprocessing is pointed at it: it is the directory
+    ``multiprocessing.util.get_temp_dir()`` returns, kept in the process's
+    ``_config["tempdir"]`` (CPython's own place for it; the rest of the
+    process keeps TMPDIR). It is removed at exit, like multiprocessing's own.
+
+    Returns the directory chosen, or None when the usual one fits. Raises
+    :class:`SocketDirError` when no base gives a path that fits.
+    """
+    config = multiprocessing.current_process()._config
+    current = config.get("tempdir")  # already made (a shared-memory heap may have needed it)
+    usual = current or os.path.join(tempfile.gettempdir(), FORKSERVER_DIR_NAME)
+    if _socket_path_fits(usual):
+        return None
+    if bases is None:
+        bases = (*SHORT_DIR_BASES, os.path.join(data_path, RUNTIME_DIR))
+    tried = []
+    for base in bases:
+        base = os.path.abspath(base)
+        if not _socket_path_fits(os.path.join(base, SHORT_DIR_PREFIX + "XXXXXXXX")):
+            tried.append("%s (too long)" % base)
+            continue
+        try:
+            os.makedirs(base, 0o750, exist_ok=True)  # (the data directory's .run, if not made yet)
+            chosen = tempfile.mkdtemp(prefix=SHORT_DIR_PREFIX, dir=base)  # 0700
+        except OSError as exc:
+            tried.append("%s (%s)" % (base, exc.strerror or exc))
+            continue
+        config["tempdir"] = chosen
+        multiprocessing.util.Finalize(None, shutil.rmtree, args=(chosen,), kwargs={"ignore_errors": True},
+                                      exitpriority=-100)
+        return chosen
+    raise SocketDirError(
+        "the forkserver's Unix socket would be %s (%d bytes, more than the %d a socket path may hold) and no "
+        "shorter directory could be made (tried %s); set TMPDIR to a shorter directory"
+        % (os.path.join(usual, FORKSERVER_SOCKET_NAME), _socket_path_len(usual), SOCKET_PATH_MAX,
+           ", ".join(tried) or "nothing"))
+
+
+def _socket_path_len(directory: str) -> int:
+    return len(os.fsencode(os.path.join(directory, FORKSERVER_SOCKET_NAME)))
+
+
+def _socket_path_fits(directory: str) -> bool:
+    return _socket_path_len(directory) <= SOCKET_PATH_MAX
+
+
 class Launcher:
     """Every fork and signal of the supervisor: children are forked from the forkserver.
 
@@ -176,9 +251,9 @@ class Launcher:
         self.log_level = log_level
         self.log_conn = None
 
-    def spawn(self, target, name: str, args: tuple):
+    def spawn(self, target, name: str, args: tuple, kwargs: dict | None = None):
         process = self.ctx.Process(target=target, name=name, args=args + (self.log_conn, self.log_level),
-                                   daemon=False)
+                                   kwargs=kwargs or {}, daemon=False)
         process.start()
         return process
 
@@ -214,7 +289,8 @@ class Child:
 
     # -- hooks -----------------------------------------------------------------------
     def prepare(self, settings) -> tuple:
-        """Get ready for a new process; returns its target and arguments (log pipe and level follow)."""
+        """Get ready for a new process; returns its target, arguments (log pipe and level follow) and
+        keyword arguments."""
         raise NotImplementedError
 
     def started(self) -> None:
@@ -230,8 +306,8 @@ class Child:
     # -- the loop's calls ---------------------------------------------------------------
     def start(self, now: float, settings) -> None:
         self.stats.set("heartbeat", now)
-        target, args = self.prepare(settings)
-        self.process = self.launcher.spawn(target, self.process_name, args)
+        target, args, kwargs = self.prepare(settings)
+        self.process = self.launcher.spawn(target, self.process_name, args, kwargs)
         self.killed_for = ""
         self.machine.on_started(now)
         log.info("started %s as pid %d (restart %d)", self.label, self.process.pid, self.machine.restarts)
@@ -323,7 +399,7 @@ class WorkerChild(Child):
 
     def prepare(self, settings) -> tuple:
         self.stats.set("connected", 0)
-        return worker_main, (self.spec, settings, self.pipe_w, self.stats.array, self.note.array)
+        return worker_main, (self.spec, settings, self.pipe_w, self.stats.array, self.note.array), {}
 
     def exited(self) -> None:
         self.stats.set("connected", 0)
@@ -353,10 +429,15 @@ class WorkerChild(Child):
 
 
 class WriterChild(Child):
-    """The writer process and its control socket (add/remove slot fds, drain).
+    """The writer process, its control socket (add/remove slot fds, drain) and its "written" feed.
 
     A new writer is handed every slot again (``workers()``), retired ones
-    included, so it reads their pipes dry.
+    included, so it reads their pipes dry. Each start also makes a new feed,
+    a SEQPACKET socket pair: the writer's end goes to ``writer_main`` as the
+    keyword argument ``feed`` (it names the TRADES tables it appended to), and
+    ours waits in ``feed`` until the supervisor takes it for the analytics
+    thread (:meth:`take_feed`). One pair per writer, so a new writer's
+    datagrams never mix with a dead one's, and the old end reads as ended.
     """
 
     exit_level = logging.ERROR
@@ -367,20 +448,37 @@ class WriterChild(Child):
         super().__init__("writer", launcher, backoff, stats)
         self.workers = workers
         self.control: socket.socket | None = None
+        self.feed: socket.socket | None = None  # our end of the newest writer's feed, until taken
         self._theirs: socket.socket | None = None
+        self._their_feed: socket.socket | None = None
 
     def prepare(self, settings) -> tuple:
+        self._close_theirs()  # (left from a start that failed)
         mine, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         if self.control is not None:
             self.control.close()
         self.control = mine
-        return writer_main, (settings, self._theirs, self.stats.array)
+        feed, self._their_feed = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.feed is not None:
+            self.feed.close()  # (never taken: its writer did not live to be followed)
+        self.feed = feed
+        return writer_main, (settings, self._theirs, self.stats.array), {"feed": self._their_feed}
 
     def started(self) -> None:
-        self._theirs.close()
-        self._theirs = None
+        self._close_theirs()  # the writer holds its own copies now
         for worker in self.workers():
             self.add(worker)
+
+    def _close_theirs(self) -> None:
+        for end in (self._theirs, self._their_feed):
+            if end is not None:
+                end.close()
+        self._theirs = self._their_feed = None
+
+    def take_feed(self) -> socket.socket | None:
+        """Our end of the newest writer's feed, once (then it is the taker's to close); None if taken."""
+        feed, self.feed = self.feed, None
+        return feed
 
     def stop(self) -> None:
         self.machine.stop()

@@ -51,15 +51,24 @@ from __future__ import annotations
 
 import collections
 import itertools
+import operator
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import struct
-
 from .ledger import Gap
+from .records import SYMBOL_FIELD, TRADE_WIRE
 
 F32 = struct.Struct("<f")
+_RECORD = TRADE_WIRE.size
+# (id, sec, nanos) of a wire record; the rest skipped
+_MARK_FORMAT = "%dxQII%dx" % (SYMBOL_FIELD, _RECORD - SYMBOL_FIELD - 16)
+_MARK_ONE = struct.Struct("<" + _MARK_FORMAT)
+_MARK_MANY: dict[int, struct.Struct] = {}
+_MARK_MANY_MAX = 128  # blocks of more records are unpacked record by record
+_KEY_FIELDS = struct.Struct("<ffI")  # price, size, side: a row's key (_key)
+_KEY_AT = SYMBOL_FIELD + 16
 
 
 def f32(x: float) -> float:
@@ -70,6 +79,33 @@ def f32(x: float) -> float:
 def _key(row: tuple) -> tuple:
     """What identifies a trade without an id: price, size and side as stored."""
     return (f32(row[4]), f32(row[5]), row[6])
+
+
+def _latest(secs: tuple, nanos: tuple, k: int):
+    """Indexes of the rows at the latest time of a block of ``k`` > 1 rows, in order (usually the last
+    row or rows: times seldom go back)."""
+    top_sec = max(secs)
+    c = secs.count(top_sec)
+    if secs[k - c:].count(top_sec) == c:  # the rows of the latest second are the last ones
+        tail = nanos[k - c:]
+        top_nanos = max(tail)
+        n = tail.count(top_nanos)
+        if tail[c - n:].count(top_nanos) == n:  # and those of the latest time too
+            return range(k - n, k)
+        return tuple(k - c + i for i, x in enumerate(tail) if x == top_nanos)
+    pairs = list(zip(secs, nanos))
+    top = max(pairs)
+    return tuple(i for i, p in enumerate(pairs) if p == top)
+
+
+def _mark_fields(blob, k: int) -> tuple:
+    """``(id, sec, nanos)`` of each of the ``k`` wire records of ``blob``, flat: one unpack in C."""
+    if k > _MARK_MANY_MAX:
+        return tuple(itertools.chain.from_iterable(_MARK_ONE.iter_unpack(blob)))
+    unpack = _MARK_MANY.get(k)
+    if unpack is None:
+        unpack = _MARK_MANY[k] = struct.Struct("<" + _MARK_FORMAT * k)
+    return unpack.unpack(blob)
 
 
 @dataclass
@@ -162,10 +198,12 @@ class GapEngine:
     def __init__(self, exchange: str, consecutive_ids: bool, emit: Callable, request: Callable,
                  record: Callable, load_mark: Callable, hold_secs: float = 120.0,
                  max_lookback_secs: float = 6 * 3600.0, monotonic=time.monotonic, wall=time.time,
-                 load_orphans: Callable = lambda symbol: []):
+                 load_orphans: Callable = lambda symbol: [], emit_block: Optional[Callable] = None):
         self.exchange = exchange
         self.consecutive = consecutive_ids
         self.emit = emit
+        self.emit_block = emit_block
+        self.fast_blocks = 0  # blocks that took the steady-state path of trades_block
         self.request = request
         self.record = record
         self.load_mark = load_mark
@@ -243,6 +281,111 @@ class GapEngine:
             t.advance(row)
         if out:
             self.emit(symbol, out)
+
+    def trades_block(self, symbol: bytes, blob, replayed: bool = False) -> None:
+        """:meth:`trades` for concatenated wire records (``TRADE_WIRE``) of one symbol, in arrival order.
+
+        The steady state takes a path without a Python object per row: no
+        gap open, no resume pending, no gap just settled, no orphans, live
+        rows, and every row new with no gap before it, which a look at the
+        whole block decides (:meth:`_advance_block`). Then the mark advances
+        from the block's last rows and the block goes out as it came, to
+        ``emit_block(symbol, blob)`` (``emit`` with unpacked rows if there is
+        none). Anything else is unpacked and goes through :meth:`trades`, the
+        reference, which the steady-state path must match exactly (same rows
+        out, same mark after: tests/test_gaps.py, tests/test_writer.py).
+        """
+        if not blob:
+            return
+        t = self.tracks.get(symbol)
+        if t is None:
+            t = self.track(symbol)
+        if (replayed or t.gap is not None or t.resume is not None or t.settled is not None or t.orphans
+                or not self._advance_block(t, blob)):
+            self.trades(symbol, list(TRADE_WIRE.iter_unpack(blob)), replayed)
+            return
+        self.fast_blocks += 1
+        if self.emit_block is not None:
+            self.emit_block(symbol, blob)
+        else:
+            self.emit(symbol, list(TRADE_WIRE.iter_unpack(blob)))
+
+    def _advance_block(self, t: SymbolTrack, blob) -> bool:
+        """Advance the mark over a block of live rows if :meth:`trades` would let every row through
+        without a gap; False (nothing changed) otherwise.
+
+        Rows: by the dedupe rule a live row is new unless it has an id and
+        the mark has one at least as high; where ids are consecutive a row
+        opens a gap unless its id is the mark's + 1. So where ids are
+        consecutive the block must hold exactly ids mark+1 .. mark+k (the
+        first row's id - 1 stands for the mark of a symbol never stored);
+        elsewhere either no row has an id (Kraken) or every row has one,
+        each above the one before and the first above the mark (Bitfinex).
+
+        The mark then: the highest id; the latest time M of the mark and the
+        rows; and the edge, the keys of the rows at M (added to the old edge
+        when M is the mark's own time). That is what :meth:`Mark.advance`
+        row by row ends with, whatever the order of the times: a row at M
+        counts once M is reached, a row before M is cleared by it. Usually
+        the rows at M are the last rows (times do not go back), so only
+        those are unpacked.
+        """
+        k = len(blob) // _RECORD
+        mark = t.mark_id
+        if k == 1:  # (the usual block at real rates: one row, no slicing)
+            rid, sec, nanos = _MARK_ONE.unpack_from(blob)
+            if self.consecutive:
+                if (rid != mark + 1 or not mark) if t.known else not rid:
+                    return False
+                new_id = rid
+            elif rid and mark and rid <= mark:
+                return False
+            else:
+                new_id = rid or mark
+            at = (0,)
+            top = (sec, nanos)
+        else:
+            unpack = _MARK_MANY.get(k)
+            f = unpack.unpack(blob) if unpack is not None else _mark_fields(blob, k)
+            ids = f[0::3]
+            first, last = ids[0], ids[-1]
+            if self.consecutive:
+                if t.known:
+                    if not mark:
+                        return False
+                elif first:
+                    mark = first - 1
+                else:
+                    return False
+                if first != mark + 1 or last != mark + k:
+                    return False
+                if k > 2 and ids != tuple(range(first, last + 1)):
+                    return False
+                new_id = last
+            elif not first and not last and not any(ids):
+                new_id = mark
+            else:
+                if first <= mark or 0 in ids or not all(map(operator.lt, ids, ids[1:])):
+                    return False
+                new_id = last
+            secs, nanos = f[1::3], f[2::3]
+            at = _latest(secs, nanos, k)
+            top = (secs[at[0]], nanos[at[0]])
+        mark_time = (t.mark_sec, t.mark_nanos)
+        if top >= mark_time:
+            edge = t.edge
+            if top > mark_time:
+                t.mark_sec, t.mark_nanos = top
+                edge.clear()
+            # price, size and side as the reference's _key has them: unpacked from float32, they are
+            # what f32() would give (a NaN is a new object either way, equal to no other key)
+            get, unpack_from = edge.get, _KEY_FIELDS.unpack_from
+            for i in at:
+                key = unpack_from(blob, i * _RECORD + _KEY_AT)
+                edge[key] = get(key, 0) + 1
+        t.mark_id = new_id
+        t.known = True
+        return True
 
     def _gap_before(self, t: SymbolTrack, row: tuple) -> Optional[str]:
         """Why there is a gap between the mark and ``row`` (a new row), or None."""

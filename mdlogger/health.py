@@ -81,6 +81,9 @@ def shard_health(entry: SlotView, now: float, stall: float) -> dict:
         "parse_errors": int(s["parse_errors"]),
         "parse_errors_by_reason": stats.reasons(),
         "dropped_records": int(s["dropped_records"]),
+        # connections closed for a bad frame, by kind (mdlogger/wsframes.py)
+        "frame_closes": {"oversized": int(s["oversized_closes"]), "protocol_error": int(s["protocol_errors"]),
+                         "stalled": int(s["stalled_frames"])},
         "refused_symbols": first(refused),
         "refused_symbols_count": refused_count,
         "clock": shard_clock(s),
@@ -166,6 +169,13 @@ def writer_health(view: ServiceView, now: float) -> dict:
         "held_rows": int(ws.get("held_rows", 0)),
         "sealed_days": int(ws.get("sealed_days", 0)),
         "late_rows": int(ws.get("late_rows", 0)),
+        # open tables (mdlogger/writer.py, "Open files")
+        "open_tables": int(ws.get("open_tables", 0)),
+        "table_cache": int(ws.get("table_cache", 0)),
+        "table_opens": int(ws.get("table_opens", 0)),
+        "evictions": int(ws.get("evictions", 0)),
+        "reopened_tables": int(ws.get("reopened_tables", 0)),
+        "fsyncs": int(ws.get("fsyncs", 0)),
     }
 
 

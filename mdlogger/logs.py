@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+from .polling import readable
+
 LINE_MAX = select.PIPE_BUF
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 
@@ -166,7 +168,7 @@ class LogReceiver(threading.Thread):
 
     def run(self) -> None:
         while True:
-            ready, _, _ = select.select([self.fd, self._stop_r], [], [])
+            ready = readable([self.fd, self._stop_r])
             if self.fd in ready and self._read_once():
                 continue
             if self._stop_r in ready:

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .health import REASONS, clock_figures, exchange_gaps, health_document
 from .view import ServiceView
+from .wsframes import FAULT_COUNTERS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,6 +41,9 @@ class ServiceCollector:
             "dropped": CounterMetricFamily("mdlogger_dropped_records", "Records dropped because the writer was behind",
                                            labels=labels),
             "reconnects": CounterMetricFamily("mdlogger_reconnects", "WebSocket reconnects", labels=labels),
+            "frame_closes": CounterMetricFamily("mdlogger_frame_closes",
+                                                "Connections the worker closed for a bad frame, by kind "
+                                                "(oversized, protocol_error, stalled)", labels=labels + ["kind"]),
             "restarts": CounterMetricFamily("mdlogger_restarts", "Worker process restarts", labels=labels),
         }
         connected = GaugeMetricFamily("mdlogger_connected", "1 while the shard's connection is open", labels=labels)
@@ -55,6 +59,8 @@ class ServiceCollector:
                 c["refused"].add_metric(lv + [reason], n)
             c["dropped"].add_metric(lv, s["dropped_records"])
             c["reconnects"].add_metric(lv, s["reconnects"])
+            for kind, field in FAULT_COUNTERS.items():
+                c["frame_closes"].add_metric(lv + [kind], s[field])
             c["restarts"].add_metric(lv, entry.restarts)
             connected.add_metric(lv, s["connected"])
             if s["last_message"]:
@@ -134,6 +140,17 @@ class ServiceCollector:
         yield CounterMetricFamily("mdlogger_sealed_days", "Day manifests written", value=w.get("sealed_days", 0))
         yield CounterMetricFamily("mdlogger_late_rows", "Rows for a day already sealed (refused)",
                                   value=w.get("late_rows", 0))
+        # the writer's open tables (mdlogger/writer.py, "Open files")
+        yield GaugeMetricFamily("mdlogger_writer_open_tables", "Tables the writer has open", value=w["open_tables"])
+        yield GaugeMetricFamily("mdlogger_writer_table_cache", "Tables the writer keeps open at most (from its "
+                                "RLIMIT_NOFILE)", value=w.get("table_cache", 0))
+        yield CounterMetricFamily("mdlogger_writer_table_opens", "Tables opened (every column file of each)",
+                                  value=w.get("table_opens", 0))
+        yield CounterMetricFamily("mdlogger_writer_evictions", "Tables closed to make room for another",
+                                  value=w.get("evictions", 0))
+        yield CounterMetricFamily("mdlogger_writer_reopened_tables", "Tables opened again after an eviction",
+                                  value=w.get("reopened_tables", 0))
+        yield CounterMetricFamily("mdlogger_writer_fsyncs", "fsync calls on column files", value=w.get("fsyncs", 0))
 
     def _gaps(self, view: ServiceView, now: float):
         """Per enabled exchange, what became of the gaps in its trades (the writer's counters)."""

@@ -30,8 +30,9 @@ import websocket
 
 from . import records as rec
 from .exchanges.base import Reconnect, Sink
-from .frames import BufferedSocket, ConnectionLost
+from .frames import ConnectionLost
 from .gaps import Mark
+from .wsframes import WsReader
 
 log = logging.getLogger("mdlogger.worker")  # runs in the worker: its log lines are the worker's
 
@@ -59,23 +60,36 @@ class SendLimiter:
 
 
 class Link:
-    """One open WebSocket with its parsing session and send pacing."""
+    """One open WebSocket with its parsing session, its frame reader and send pacing.
 
-    def __init__(self, ws, session, limiter: SendLimiter):
+    websocket-client (``ws``) connects, does the handshake and sends; after the
+    handshake :class:`~mdlogger.wsframes.WsReader` (``reader``) owns the
+    socket's receive side.
+    """
+
+    def __init__(self, ws, session, limiter: SendLimiter, reader: WsReader | None = None):
         self.ws = ws
         self.session = session
         self.limiter = limiter
+        self.reader = reader
         self.opened = time.monotonic()
-        self.fragments: list = []  # a fragmented message in progress (mdlogger.frames.other_frame)
 
     @classmethod
-    def open(cls, adapter, symbols, sink: Sink, timeout: float) -> "Link":
-        """Connect and subscribe ``symbols`` with a new session of ``adapter`` on ``sink``; the caller closes it."""
+    def open(cls, adapter, symbols, sink: Sink, timeout: float, on_fault=None, on_binary=None) -> "Link":
+        """Connect and subscribe ``symbols`` with a new session of ``adapter`` on ``sink``; the caller closes it.
+
+        ``on_fault(kind, sample)`` is told when the reader closes the connection for a bad frame;
+        ``on_binary(data)`` gets binary messages (default: refused on ``sink`` as ``binary``).
+        """
         ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=False)
         link = cls(ws, adapter.new_session(symbols, sink), SendLimiter(adapter.send_rate))
+        if on_binary is None:
+            def on_binary(data):
+                sink.refuse("binary", data[:64])
         try:
             ws.connect(adapter.ws_url(symbols), timeout=timeout, suppress_origin=True)
-            ws.sock = BufferedSocket(ws.sock)
+            # websocket-client read the handshake answer a byte at a time: nothing of the frames is buffered yet.
+            link.reader = WsReader(ws, adapter.max_frame_bytes, on_binary, on_fault)
             link.opened = time.monotonic()
             for message in adapter.subscribe_messages(symbols):
                 link.limiter.wait()
@@ -86,8 +100,12 @@ class Link:
         return link
 
     def close(self) -> None:
+        """The close handshake, bounded (wsframes.CLOSE_WAIT_SECS; none after a bad frame), then the socket."""
         try:
-            self.ws.close(timeout=0.5)
+            if self.reader is not None:
+                self.reader.close()
+            else:
+                self.ws.close(timeout=0.5)
         except (websocket.WebSocketException, OSError):
             pass
         self.ws.shutdown()

@@ -65,7 +65,7 @@ class ExchangeSettings:
 class LoggerSettings:
     data_path: str = "./data"
     buffer_size: int = 1 << 20
-    flush_interval_secs: float = 0.05
+    flush_interval_secs: float = 0.02
     health_check_port: int = 8080
     health_check_host: str = "127.0.0.1"
     heartbeat_timeout_secs: float = 30.0

@@ -54,6 +54,10 @@ WORKER_FIELDS = (
     "clock_offset_p50",  # seconds: local receive time minus exchange event time, median over the last minute
     "clock_offset_p99",  # the 99th percentile of the same (NaN-free: 0 when there are no samples)
     "clock_samples",  # how many trades the two figures above are taken from
+    # connections the worker closed for a bad frame (mdlogger/wsframes.py):
+    "oversized_closes",  # a frame (or fragmented message) announced over the adapter's max_frame_bytes (1009)
+    "protocol_errors",  # a frame breaking RFC 6455: masked, RSV bits, unknown opcode, bad control frame (1002)
+    "stalled_frames",  # a frame begun and not complete within wsframes.FRAME_DEADLINE_SECS (1008)
 ) + tuple("drop_" + r for r in DROP_REASONS)
 
 # Per exchange, in the writer's block: what became of the gaps in its trades
@@ -99,6 +103,12 @@ WRITER_BASE_FIELDS = (
     "held_rows",  # rows waiting for a gap before them to be filled
     "sealed_days",  # day manifests written
     "late_rows",  # rows for a day already sealed (refused, counted)
+    # the writer's open tables (mdlogger/writer.py, "Open files"):
+    "table_cache",  # tables it keeps open at most (from its RLIMIT_NOFILE)
+    "table_opens",  # tables opened (each opens every column file)
+    "evictions",  # tables closed to make room for another (never fsynced then)
+    "reopened_tables",  # tables opened again after an eviction
+    "fsyncs",  # fsync calls on column files (at the interval, at a seal, at exit)
 )
 
 

@@ -10,7 +10,7 @@
                           | threads (never fork, never kill):                         |
                           |   log receiver   discovery (REST, one per exchange)       |
                           |   Flask / /health /metrics /analytics (read-only)         |
-                          |   analytics (reads new rows of today's TRADES files)      |
+                          |   analytics (reads the TRADES tables the feed names)      |
                           +--------------------------+--------------------------------+
                                                      | forkserver (started first,
                                                      | while single-threaded)
@@ -20,6 +20,7 @@
                                          v                                v
                                    writer process (owns every data file)
                                    control socket: add/remove slot fds, drain
+                                   feed socket: tables written -> analytics
 
 One pass of the loop, and what flows where:
 
@@ -33,6 +34,8 @@ One pass of the loop, and what flows where:
   when it stopped), start it when due, tick its state machine;
 * retired shards whose worker has ended: the writer reads their pipe dry
   (``remove``), then they are forgotten;
+* a writer just (re)started: its "written" feed goes to the analytics
+  thread, which reads only the tables the writer names;
 * threads (analytics, log receiver, discovery): each catches and retries its
   own failures; one that ended anyway is logged, counted (``thread_restarts``
   on /health and /metrics) and started again; the writer's I/O error and
@@ -55,13 +58,15 @@ import multiprocessing.connection
 import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 
 from . import transport
 from .analytics import AnalyticsThread, engine_from_settings, thresholds_from_settings
 from .backoff import Backoff
-from .child import Child, Launcher, State, WorkerChild, WriterChild, join_all, reap_orphans
+from .child import (Child, Launcher, SocketDirError, State, WorkerChild, WriterChild, forkserver_socket_dir, join_all,
+                    reap_orphans)
 from .exchanges import adapter_for
 from .logs import LogReceiver
 from .planning import ExchangeState, ExchangeStatus, free_shard_number, plan_shards, take_discoveries
@@ -76,6 +81,7 @@ log = logging.getLogger("mdlogger.supervisor")
 LOOP_SECS = 0.25
 WRITE_STALL_SECS = 60.0  # rows waiting this long (at least 3 flush intervals) with none written: not writing
 PRELOAD = ["mdlogger.worker", "mdlogger.writer", "websocket", "orjson"]
+EXIT_NO_SOCKET_DIR = 2  # no directory short enough for the forkserver's socket (nothing was started)
 
 
 class Supervisor:
@@ -141,6 +147,14 @@ class Supervisor:
 
     # -- the main loop -------------------------------------------------------------
     def run(self) -> int:
+        try:
+            short_dir = forkserver_socket_dir(self.settings.logger.data_path)
+        except SocketDirError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_NO_SOCKET_DIR
+        if short_dir is not None:
+            log.info("the temporary directory %s is too long for the forkserver's Unix socket; using %s "
+                     "(removed at exit)", tempfile.gettempdir(), short_dir)
         self._setup_pipes()
         self._install_signals()
         self.launcher.ctx.set_forkserver_preload(PRELOAD)
@@ -151,7 +165,9 @@ class Supervisor:
         self.log_receiver.start()
         self._publish_view()  # /health must have a whole view to read from its first request
         self._start_health()
-        self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.stop_threads)
+        # The analytics thread follows the writer's "written" feed (a new one from each writer start).
+        self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.stop_threads,
+                                                feed=self.writer.take_feed(), fed=True)
         self.analytics_thread.start()
         for name in self.exchanges:
             self._discover(name)
@@ -189,12 +205,24 @@ class Supervisor:
             if child.due(now):
                 child.start(now, self.settings)
             child.tick(now, lg.healthy_run_secs)
+        self._hand_feed()
+
+    def _hand_feed(self) -> None:
+        """A writer (re)started: hand its "written" feed to the analytics thread (which closes the old one)."""
+        feed = self.writer.take_feed()
+        if feed is None:
+            return
+        if self.analytics_thread is not None:
+            self.analytics_thread.set_feed(feed)
+        else:
+            feed.close()  # (no thread yet: run() gives it the next writer's feed)
 
     def _check_threads(self) -> None:
         """Start again any thread of ours that ended while the service runs (logged and counted).
 
         Each thread catches and retries its own failures; this is for what it
-        cannot catch. A new analytics thread goes on from the old one's offsets.
+        cannot catch. A new analytics thread goes on from the old one's offsets
+        and follows its feed (after one catch-up walk).
         """
         if self.stopping:
             return
@@ -204,7 +232,7 @@ class Supervisor:
             self.analytics_errors += old.errors
             log.error("the analytics thread ended; starting it again (restart %d)", self.thread_restarts["analytics"])
             self.analytics_thread = AnalyticsThread(self.settings.logger.data_path, self.analytics, self.stop_threads,
-                                                    offsets=old.offsets)
+                                                    offsets=old.offsets, feed=old.take_feed(), fed=True)
             self.analytics_thread.start()
         receiver = self.log_receiver
         if receiver is not None and not receiver.is_alive():
@@ -230,6 +258,15 @@ class Supervisor:
             self.write_stalled_since = 0.0
         elif not self.write_stalled_since:
             self.write_stalled_since = now
+
+    def _close_feed(self) -> None:
+        """At the stop, once the writer has exited: close the analytics thread's feed (it ends within a
+        second of the stop; one still running keeps the feed until the process exits)."""
+        thread = self.analytics_thread
+        if thread is not None:
+            thread.join(thread.POLL_SECS + 1.0)
+            if not thread.is_alive():
+                thread.close_feed()
 
     def _notify(self, text: str) -> None:
         if self.notify is not None:
@@ -361,6 +398,8 @@ class Supervisor:
         deadline = began + timeout
         self._notify("STOPPING=1")
         self.stop_threads.set()
+        if self.analytics_thread is not None:
+            self.analytics_thread.wake()
         for status in self.exchanges.values():
             status.discovery_stop.set()
         # Workers first, with half the time to hand their last batches to the pipes...
@@ -374,6 +413,7 @@ class Supervisor:
         self.writer.stop()
         join_all([self.writer], deadline - 0.2, self.launcher)
         writer_exit = self.writer.reap(time.monotonic())
+        self._close_feed()
         self._stop_health()
         code = 1 if writer_exit not in (0, None) else 0
         log.info("supervisor stopped in %.1f s", time.monotonic() - began)

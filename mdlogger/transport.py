@@ -50,6 +50,7 @@ import time
 import zlib
 from typing import Iterator
 
+from .polling import writable
 from .records import KIND_MD, KIND_RESUME, KIND_SNAPSHOT, KIND_TRADES, TRADE_WIRE, WIRE
 
 MAGIC = b"MDL\x01"
@@ -244,7 +245,7 @@ class FrameSender:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            select.select([], [self.fd], [], min(left, 0.1))
+            writable([self.fd], min(left, 0.1))
         return True
 
     def discard_waiting(self) -> int:

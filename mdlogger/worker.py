@@ -2,14 +2,16 @@
 
 ::
 
-    exchange --frames--> websocket-client recv_frame (frames.BufferedSocket under it)
-                             |  text: Worker._receive; ping (pong echoed), pong, close,
-                             |  binary, fragments: frames.other_frame
-                             v
-                         Session.on_message (the exchange adapter) --records--> WorkerSink
-                                                                                 |
-                             FrameSender: batches of packed records, one frame    |
-                             per <= PIPE_BUF write, bounded spill, drop counted <-+
+    exchange <--handshake, subscribe, pong, close-- websocket-client (connect and send only)
+       |
+       +--frames--> wsframes.WsReader.messages (recv 256 KiB; pings answered, fragments joined,
+                       |  binary refused; oversized / malformed / stalled frames close the connection,
+                       |  counted: oversized_closes, protocol_errors, stalled_frames)
+                       v  complete text messages (None on a socket timeout: the loop's timing)
+                   Worker._receive --> Session.on_message (the exchange adapter) --records--> WorkerSink
+                                                                                                |
+                             FrameSender: batches of packed records, one frame                  |
+                             per <= PIPE_BUF write, bounded spill, drop counted <---------------+
                                    |
                                    v  slot pipe --> writer process
 
@@ -47,12 +49,13 @@ from .budget import SharedBucket, runtime_dir
 from .clock import ClockSampler, clock_note
 from .exchanges import adapter_for
 from .exchanges.base import Pause, Reconnect, Refused, Rotate, Sink, SymbolInfo
-from .frames import PARSER_ERROR, PASS_THROUGH, ConnectionLost, failure_sample, other_frame, read_one
+from .frames import PARSER_ERROR, PASS_THROUGH, ConnectionLost, failure_sample, read_one
 from .logs import Throttle, configure_child, escape
 from .rotation import OVERLAP_POLL_SECS, Link, rotate
 from .settings import Settings
 from .stats import DROP_REASONS, WORKER_FIELDS, Block, Note
 from .transport import FrameSender
+from .wsframes import FAULT_COUNTERS
 
 log = logging.getLogger("mdlogger.worker")
 
@@ -290,9 +293,20 @@ class Worker:
         symbols = self.spec.symbols
         url = self.adapter.ws_url(symbols)
         log.debug("%s: connecting to %s", self.spec.label, url)
-        link = Link.open(self.adapter, symbols, sink, self.xsettings.connect_timeout_secs)
+        link = Link.open(self.adapter, symbols, sink, self.xsettings.connect_timeout_secs,
+                         on_fault=self._frame_fault, on_binary=self._binary)
         log.info("%s: connected to %s, subscribed %d symbols", self.spec.label, url, len(symbols))
         return link
+
+    def _frame_fault(self, kind: str, sample: bytes) -> None:
+        """The reader closed the connection for a bad frame: count it (an oversized one is a refusal too)."""
+        self.stats.add(FAULT_COUNTERS[kind])
+        if kind == "oversized":
+            self.sink.refuse("oversized", sample)
+
+    def _binary(self, data: bytes) -> None:
+        self.messages += 1
+        self.sink.refuse("binary", data[:64])
 
     def _resume_markers(self) -> None:
         """Tell the writer a connection (re)started for every symbol, after all that came before."""
@@ -327,48 +341,46 @@ class Worker:
         self.messages += read_one(link, self.sink, self.adapter.max_frame_bytes, OVERLAP_POLL_SECS)
 
     def _receive(self, link: Link) -> None:
-        """The hot loop: one iteration per frame, everything else once per tick.
+        """The hot loop: one iteration per message, everything else once per tick.
 
-        A whole text frame is handled inline: the steps of frames.deliver (size
-        check, on_message, Refused counted on the sink, any other exception but
-        frames.PASS_THROUGH counted as parser_error; keep the two alike),
-        plus a clock sample. Calling deliver instead costs a Python call per
-        frame, measured at about 1% of this loop's throughput (in-process
-        Binance trade frames, 40 alternating pairs of 200,000 frames, slower in
-        36: ~25 ns a frame). Everything else goes to frames.other_frame.
+        ``link.reader.messages`` yields each complete text message, or None
+        when a recv timed out (the socket timeout is the tick, or the batch
+        delay while a partial batch waits) or a frame is still arriving: the
+        timing below runs then too. Pings, fragments, binary messages and bad
+        frames are the reader's (mdlogger/wsframes.py). A message is handled
+        inline: the steps of frames.deliver (on_message, Refused counted on
+        the sink, any other exception but frames.PASS_THROUGH counted as
+        parser_error; keep the two alike), plus a clock sample. Calling
+        deliver instead costs a Python call per frame, measured at about 1%
+        of this loop's throughput (in-process Binance trade frames, 40
+        alternating pairs of 200,000 frames, slower in 36: ~25 ns a frame).
+        The message count is kept in a local and published at each tick.
         """
-        ws, session, limiter, opened, fragments = link.ws, link.session, link.limiter, link.opened, link.fragments
+        reader, session, limiter, opened = link.reader, link.session, link.limiter, link.opened
         sink = self.sink
         sender = self.sender
         silence = self.xsettings.silence_timeout_secs
-        max_frame = self.adapter.max_frame_bytes
         max_age = self.adapter.max_connection_age
         healthy = self.settings.logger.healthy_run_secs
         batch_delay = self.batch_delay
         on_message = session.on_message
-        recv_frame = ws.recv_frame  # frames as they come: we answer pings and join fragments ourselves
-        op_text = websocket.ABNF.OPCODE_TEXT
         monotonic, time_ns = time.monotonic, time.time_ns
+        inf = math.inf
         clock = self.clock
         next_sample = 0.0
+        next_tick = self._next_tick
         last_frame = monotonic()
         timeout = TICK_SECS
-        ws.settimeout(timeout)
+        reader.settimeout(timeout)
         backoff_reset = False
-        while not self.stop_requested:
-            try:
-                frame = recv_frame()
-            except websocket.WebSocketTimeoutException:
-                frame = None
-            now = monotonic()
-            if frame is not None:
-                last_frame = now
-                if frame.opcode == op_text and frame.fin:
-                    self.messages += 1
-                    data = frame.data
+        count = 0
+        try:
+            for data in reader.messages:
+                now = monotonic()
+                if data is not None:
+                    last_frame = now
+                    count += 1
                     try:
-                        if len(data) > max_frame:
-                            raise Refused("oversized", data[:64])
                         if now < next_sample:
                             on_message(data, time_ns())
                         else:
@@ -387,30 +399,42 @@ class Worker:
                     except Exception as exc:  # noqa: BLE001 - a frame never ends a worker (frames.deliver)
                         sink.refuse(PARSER_ERROR, failure_sample(exc, data))
                 else:
-                    self.messages += other_frame(ws, frame, fragments, session, sink, max_frame)
-            elif now - last_frame > silence:
-                raise ConnectionLost("silent for %.0f s" % (now - last_frame))
-            else:
-                ping = session.keepalive(now - last_frame)
-                if ping is not None:
-                    limiter.wait()
-                    ws.send(ping)
-            if now >= sender.seal_at:
-                sender.seal()
-            elif timeout != batch_delay and sender.seal_at != math.inf:
-                timeout = batch_delay  # a partial batch waits: do not block longer than its delay
-                ws.settimeout(timeout)
-            if now >= self._next_tick:
-                self._tick(now)
-                self.stats.set("last_message", time.time() - (now - last_frame))
-                if timeout != TICK_SECS and sender.seal_at == math.inf:
-                    timeout = TICK_SECS
-                    ws.settimeout(timeout)
-                if not backoff_reset and now - opened >= healthy:
-                    self.backoff.reset()
-                    backoff_reset = True
-                if max_age and now - opened >= max_age:
-                    raise Rotate("connection is %.1f h old" % ((now - opened) / 3600))
+                    if self.stop_requested:
+                        return
+                    if reader.frame_at > last_frame:
+                        last_frame = reader.frame_at  # a control frame, a fragment, a binary message
+                    if now - last_frame > silence:
+                        raise ConnectionLost("silent for %.0f s" % (now - last_frame))
+                    ping = session.keepalive(now - last_frame)
+                    if ping is not None:
+                        limiter.wait()
+                        link.ws.send(ping)
+                if now >= sender.seal_at:
+                    sender.seal()
+                # A partial batch waits: block no longer than its delay; once it is sealed, back to
+                # the tick at once (a worker that stayed on the batch delay until its next tick woke
+                # every 5 ms after each message: most of its CPU at real rates).
+                want = TICK_SECS if sender.seal_at == inf else batch_delay
+                if want != timeout:
+                    timeout = want
+                    reader.settimeout(timeout)
+                if now >= next_tick:
+                    self.messages += count
+                    count = 0
+                    self._tick(now)
+                    next_tick = self._next_tick
+                    if self.stop_requested:
+                        return
+                    self.stats.set("last_message", time.time() - (now - max(last_frame, reader.frame_at)))
+                    if not backoff_reset and now - opened >= healthy:
+                        self.backoff.reset()
+                        backoff_reset = True
+                    if max_age and now - opened >= max_age:
+                        raise Rotate("connection is %.1f h old" % ((now - opened) / 3600))
+        finally:
+            self.messages += count
+        # The reader's generator ended earlier (its reason was raised then): the connection is over.
+        raise ConnectionLost(str(reader.ended or "connection over"))
 
     # -- bookkeeping -----------------------------------------------------------
     def _tick(self, now: float) -> None:

@@ -13,16 +13,43 @@
                 behind an open gap  --request--> backfill threads  |
                 (REST, mdlogger/backfill.py) --filled/failed--+    |
                 <-- wake-up pipe + results queue -------------+    |
-             -> rows in exchange order ----------------------------+-> pending rows per table-day
+             -> rows in exchange order ----------------------------+-> pending wire records per table-day
                                                               |
-                           every flush_interval_secs (50 ms by default), or when a table
-                           holds buffer_size bytes: TableFiles.append (all columns of the
-                           table, all or nothing) -- rows reach the OS promptly, so a writer
-                           crash loses nothing a worker handed over (held rows excepted:
-                           their gap is detected again at the next start and fetched)
+                           every flush_interval_secs (20 ms by default), or when a table
+                           holds buffer_size bytes: the records are cut into column files
+                           in C (storage.record_columns) and TableFiles.append writes them
+                           (all columns of the table, all or nothing) -- rows reach the OS
+                           promptly, so a writer crash loses nothing a worker handed over
+                           (held rows excepted: their gap is detected again at the next
+                           start and fetched)
                                                               |
-                 every fsync_interval_secs and at exit: fsync (data and the gap ledger)
+                 every fsync_interval_secs, at a seal and at exit: fsync (data and the gap ledger)
                  every 30 s: seal finished days (mdlogger/seal.py) whose gaps are settled
+                 at most once a second: the "written" feed names the TRADES tables appended to
+
+**One pass.** A frame's records stay bytes from the pipe to the file. Its
+symbols are looked at with one unpack (one bytes object per record, none per
+field); a frame of one symbol, the usual case, goes on whole, another is cut
+into one block per symbol. The gap engine passes a block in the steady state
+after a look at its ids and last rows (``GapEngine.trades_block``); anything
+else (a gap, a resume, a snapshot, a duplicate) is unpacked and takes the
+per-row path, the reference. A table-day's pending rows are its wire records
+concatenated, sliced into columns at flush (no tuple per row, no ``struct.pack``
+per column): the files are byte for byte what the per-row path writes
+(tests/test_writer.py replays a recorded stream through both).
+
+**Open files.** At start the writer raises its ``RLIMIT_NOFILE`` soft limit to
+the hard limit (the systemd unit sets ``LimitNOFILE=``) and keeps up to
+``(limit - reserve) // 8`` tables open (8 columns at most), least recently used
+first out. A table pushed out is closed without an fsync: its rows are in the
+OS already, and it is remembered, to be fsynced at the next interval (by its
+descriptors if it is open again by then, else by opening each column once for
+the fsync). So an fsync costs one call per written file per interval, however
+often the file was closed in between, and eviction costs a close; the
+promise of ``fsync_interval_secs`` holds for every table. Keeping evicted
+descriptors open until the interval would hold on to exactly the descriptors
+eviction must free. Evictions, reopenings, opens and fsyncs are counted
+(``/health``, ``/metrics``).
 
 On start-up it repairs torn tables of the last days (a previous writer or the
 whole tree may have been killed mid-flush). On ``drain`` (the supervisor has
@@ -32,14 +59,18 @@ dry, gives open gaps a moment to be filled, flushes, fsyncs and exits 0.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
 import os
 import queue
+import resource
 import select
 import selectors
 import signal
 import socket
+import struct
 import time
 from collections import OrderedDict
 
@@ -53,25 +84,37 @@ from .exchanges.base import SymbolInfo
 from .gaps import GapEngine
 from .ledger import Gap, GapLedger, read_gaps
 from .logs import configure_child
+from .polling import readable
 from .settings import Settings
 from .stats import Block, gap_field, writer_fields
-from .storage import TableFiles, TableKey, expired_days, last_trades, pack_column, repair_all, set_file_mode
+from .storage import (TableFiles, TableKey, expired_days, last_trades, record_columns, repair_all, set_file_mode,
+                      sync_closed_table)
 from .transport import FrameReader
 
 log = logging.getLogger("mdlogger.writer")
 
-MAX_OPEN_TABLES = 256
+MIN_OPEN_TABLES = 32
+FD_RESERVE = 512  # descriptors left for slot pipes, sockets, REST connections, the ledger, logs
+COLUMNS_PER_TABLE = max(len(c) for c in rec.COLUMNS.values())
+NOFILE_CEILING = 1 << 20  # when the hard limit is unlimited
+FEED_INTERVAL_SECS = 1.0  # the "written" feed: at most one round of datagrams a second
+FEED_MAX_BYTES = 60 * 1024  # largest datagram
 MARK_TAIL_ROWS = 256  # rows read from the end of a day's trades to recover the mark
 REPAIR_DAYS_BACK = 3
 SEAL_CHECK_SECS = 30.0  # how often the writer looks for days to seal
+ROUND_BUSY_BYTES = 1 << 18  # a read round that took this much starts the next one without sleeping
 STOP_WAIT_SECS = 2.0  # at a stop, open gaps get this long to be filled before their held rows go out
 EXIT_OK = 0
 CONTROL_MAX = 1 << 20  # largest control message: an "add" lists the slot's symbols
 _MARK_COLUMNS = ("id", "time", "nanos", "price", "size", "side")
 
 
-def writer_main(settings: Settings, control: socket.socket, stats_array, log_conn, log_level: int) -> None:
-    """Entry point of the writer process (arguments are explicit; nothing inherited)."""
+def writer_main(settings: Settings, control: socket.socket, stats_array, log_conn, log_level: int,
+                feed: socket.socket | None = None) -> None:
+    """Entry point of the writer process (arguments are explicit; nothing inherited).
+
+    ``feed``: the writer's end of the "written" feed (a SEQPACKET socket), or None.
+    """
     setproctitle("mdlogger: writer")  # what ps and top show
     set_file_mode(settings.logger.file_mode)  # data files, ledger and manifests (logger.file_mode)
     configure_child(log_conn.fileno(), log_level, "writer")
@@ -82,24 +125,78 @@ def writer_main(settings: Settings, control: socket.socket, stats_array, log_con
     stats.set("pid", os.getpid())
     stats.set("started", time.time())
     stats.set("heartbeat", time.monotonic())
-    writer = Writer(settings, stats)
+    limit = raise_nofile_limit()
+    writer = Writer(settings, stats, max_open_tables=table_cache_size(limit), feed=feed)
+    log.info("descriptor limit %d: up to %d tables open", limit, writer.max_open_tables)
     writer.repair()
     writer.serve(control)
     os._exit(EXIT_OK)
 
 
+def raise_nofile_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; returns the soft limit in force.
+
+    An unlimited hard limit is taken as the kernel's ``fs.nr_open`` (or 2**20).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = NOFILE_CEILING
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    return NOFILE_CEILING if soft == resource.RLIM_INFINITY else soft
+
+
+def table_cache_size(limit: int | None = None) -> int:
+    """How many tables the writer keeps open under a descriptor limit (default: the current soft limit).
+
+    Each table holds up to ``COLUMNS_PER_TABLE`` descriptors; ``FD_RESERVE``
+    (a quarter of a small limit) stays free for everything else. Never fewer
+    than ``MIN_OPEN_TABLES``: under a limit that small the writer still runs,
+    and should an open fail with EMFILE it shrinks the cache (``Writer._open``).
+    """
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = NOFILE_CEILING
+    reserve = min(FD_RESERVE, limit // 4)
+    return max(MIN_OPEN_TABLES, (limit - reserve) // COLUMNS_PER_TABLE)
+
+
 class Writer:
-    def __init__(self, settings: Settings, stats: Block, clock=time.time):
+    def __init__(self, settings: Settings, stats: Block, clock=time.time, max_open_tables: int | None = None,
+                 feed: socket.socket | None = None):
         self.settings = settings
         self.data_path = settings.logger.data_path
         self.buffer_size = settings.logger.buffer_size
         self.stats = stats
         self.clock = clock
-        self.pending: dict[TableKey, list[tuple]] = {}
-        self.pending_bytes: dict[TableKey, int] = {}
+        self.pending: dict[TableKey, bytearray] = {}  # wire records of each table-day, concatenated
         self.pending_total = 0
         self.max_pending = max(settings.logger.worker_buffer_bytes, 4 * self.buffer_size)
         self.files: OrderedDict[TableKey, TableFiles] = OrderedDict()
+        self.max_open_tables = max_open_tables or table_cache_size()
+        stats.set("table_cache", self.max_open_tables)
+        self.to_sync: set[TableKey] = set()  # closed with rows written since their last fsync
+        self.evicted: set[TableKey] = set()  # pushed out of the cache, not opened again yet
+        self._emfile_logged = False
+        self._keys: dict[tuple, TableKey] = {}  # (exchange, symbol field, kind, day number) -> key
+        self._symbols: dict[bytes, bytes] = {}  # valid symbol fields -> symbol
+        self.unsealed: set[TableKey] = set()  # tables whose day is known not to be sealed
+        self._days_checked = (-1, 0.0)  # (day, monotonic time) old days' tables were last closed
+        self.feed = feed
+        if feed is not None:
+            feed.setblocking(False)
+        self.written: dict[TableKey, int] = {}  # TRADES tables appended to since the last datagram -> rows
+        self.last_feed = time.monotonic()
         self.readers: dict[int, FrameReader] = {}  # slot -> reader
         self.retention_done_for = -1  # the day index retention last ran on
         self.selector = selectors.DefaultSelector()
@@ -135,19 +232,39 @@ class Writer:
 
     # -- the loop ----------------------------------------------------------
     def serve(self, control: socket.socket) -> None:
+        """The loop. Idle, it watches every pipe; once rows flow, it reads the pipes once per flush.
+
+        Reading a pipe as soon as a frame lands cost a wake-up per frame: at real
+        rates (a worker seals a frame every few ms per message) that was most of
+        the writer's CPU. So while frames keep coming the pipes are not watched:
+        the loop sleeps until the next flush (waking only for the control socket
+        and backfill results), then reads every pipe dry, takes the frames and
+        flushes. A row waits at most ``flush_interval_secs`` either way, in the
+        pipe instead of in memory. A round that reads nothing returns the loop to
+        watching the pipes, so the first rows after a quiet spell go out at once;
+        a round that read a lot (a firehose) starts the next one without sleeping.
+        """
         control.setblocking(False)
         self.selector.register(control, selectors.EVENT_READ, "control")
         self.selector.register(self._wake_r, selectors.EVENT_READ, "backfill")
-        # While too much waits for the disk, only the control socket is
-        # watched: the pipes fill, and workers count what they must drop.
-        control_only = selectors.DefaultSelector()
-        control_only.register(control, selectors.EVENT_READ, "control")
+        # Between rounds, and while too much waits for the disk, the pipes are not
+        # watched: they fill, and workers count what they must drop.
+        quiet = selectors.DefaultSelector()
+        quiet.register(control, selectors.EVENT_READ, "control")
+        quiet.register(self._wake_r, selectors.EVENT_READ, "backfill")
         interval = self.settings.logger.flush_interval_secs
+        flowing = False  # rows came in the last round: read the pipes by the clock, not by wake-ups
+        busy = False  # the last round read a lot: the next one starts at once
         while True:
             now = time.monotonic()
-            timeout = max(0.0, min(0.25, self.last_flush + interval - now))
-            full = self.pending_total >= self.max_pending
-            events = (control_only if full else self.selector).select(timeout)
+            due = self.last_flush + interval
+            if busy:
+                events = quiet.select(0)
+            elif flowing or self.pending_total >= self.max_pending:
+                events = quiet.select(max(0.0, min(0.25, due - now)))
+            else:
+                events = self.selector.select(0.25 if not self.pending_total else max(0.0, min(0.25, due - now)))
+            woken = False
             for key, _ in events:
                 if key.data == "control":
                     if not self._on_control(control):
@@ -155,9 +272,22 @@ class Writer:
                         return
                 elif key.data == "backfill":
                     self.take_backfills()
-                elif key.data in self.readers and self.pending_total < self.max_pending:
-                    self._read_slot(key.data)  # (a slot removed earlier in this batch is skipped)
+                else:
+                    woken = True  # a pipe has frames (it is read below, with every other pipe)
+            if woken or busy or (flowing and time.monotonic() >= due):
+                got = self.read_round()
+                flowing, busy = got > 0, got >= ROUND_BUSY_BYTES
             self._tick()
+
+    def read_round(self) -> int:
+        """Read every slot's pipe once (unless too much waits for the disk); returns the bytes read."""
+        got = 0
+        for slot in list(self.readers):
+            if self.pending_total >= self.max_pending:
+                break
+            if slot in self.readers:  # (a slot removed meanwhile is skipped)
+                got += self._read_slot(slot)
+        return got
 
     def apply_retention(self) -> list[str]:
         """Once a day: remove day files older than ``retention_days`` (never today's or yesterday's)."""
@@ -182,21 +312,57 @@ class Writer:
         return removed
 
     def _tick(self) -> None:
+        """After every wake-up of the loop. What does not have to run that often (retention, gap
+        holds, the counters on /health) runs with the flush, every ``flush_interval_secs``: at
+        real rates the loop wakes for nearly every frame, and publishing the gap counters of
+        every exchange each time cost more than the rows."""
         now = time.monotonic()
-        self.apply_retention()
         self.stats.set("heartbeat", now)
-        for engine in self.engines.values():
-            engine.expire()
         if now - self.last_flush >= self.settings.logger.flush_interval_secs:
-            self.flush_all()
+            self.apply_retention()
+            for engine in self.engines.values():
+                engine.expire()
+            self.flush_all()  # (publishes the gap counters)
+            self.stats.set("pending_rows", self.pending_rows())
+            self.stats.set("open_tables", len(self.files))
         if now - self.last_fsync >= self.settings.logger.fsync_interval_secs:
             self.fsync_all()
         if now - self.last_seal_check >= SEAL_CHECK_SECS:
             self.last_seal_check = now
             self.seal_due()
-        self.stats.set("pending_rows", sum(len(rows) for rows in self.pending.values()))
-        self.stats.set("open_tables", len(self.files))
-        self._publish_gaps()
+        if self.written and now - self.last_feed >= FEED_INTERVAL_SECS:
+            self.send_written(now)
+
+    # -- the "written" feed -------------------------------------------------------
+    def send_written(self, now: float | None = None) -> int:
+        """Name the TRADES tables appended to since the last datagram, with their rows on disk.
+
+        The contract (docs/ARCHITECTURE.md, "Analytics"): datagrams
+        ``{"op": "written", "tables": [[exchange, symbol, "DD.MM.YY", rows], ...]}``
+        of at most ``FEED_MAX_BYTES``, at most one round a second (the caller's
+        tick), never blocking. A full socket leaves the tables not sent queued
+        for the next round (they carry totals, so nothing is lost); a broken
+        one ends the feed (logged once). Returns the datagrams sent.
+        """
+        self.last_feed = time.monotonic() if now is None else now
+        if self.feed is None:
+            self.written.clear()
+            return 0
+        sent = 0
+        for datagram, keys in _written_datagrams(self.written):
+            try:
+                self.feed.send(datagram)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.warning("the written feed is broken (%s): no more datagrams from this writer", exc)
+                self.feed = None
+                self.written.clear()
+                break
+            sent += 1
+            for key in keys:
+                del self.written[key]
+        return sent
 
     def _publish_gaps(self) -> None:
         held = 0
@@ -272,44 +438,29 @@ class Writer:
         return got
 
     # -- rows ---------------------------------------------------------------
-    def take_frame(self, kind: int, exchange: str, records: bytes) -> None:
-        """One frame of a slot whose exchange is ``exchange``."""
-        wire = rec.WIRE[kind]
+    def take_frame(self, kind: int, exchange: str, records) -> None:
+        """One frame of a slot whose exchange is ``exchange``: its records, concatenated wire records."""
         if kind == rec.KIND_MD:
             self._take_md(exchange, records)
             return
-        by_symbol: dict[bytes, list] = {}
-        for row in wire.iter_unpack(records):
-            bucket = by_symbol.get(row[0])
-            if bucket is None:
-                bucket = by_symbol[row[0]] = []
-            bucket.append(row)
         engine = self.engine(exchange)
-        for sym, rows in by_symbol.items():
-            symbol = self._symbol(sym, len(rows))
+        for field, blob, count in _by_symbol(records, _TRADE_SIZE):
+            symbol = self._symbol(field, count)
             if symbol is None:
                 continue
-            if symbol != sym:
-                rows = [(symbol,) + row[1:] for row in rows]
             if kind == rec.KIND_RESUME:
-                engine.resume(symbol, "restart" if rows[-1][1] == 1 else "reconnect")
+                last_id = _ID.unpack_from(blob, len(blob) - _TRADE_SIZE + rec.SYMBOL_FIELD)[0]
+                engine.resume(symbol, "restart" if last_id == 1 else "reconnect")
             else:
-                engine.trades(symbol, rows, kind == rec.KIND_SNAPSHOT)
+                engine.trades_block(symbol, blob, kind == rec.KIND_SNAPSHOT)
 
-    def _take_md(self, exchange: str, records: bytes) -> None:
-        groups: dict[tuple, list] = {}
-        for row in rec.MD_WIRE.iter_unpack(records):
-            gk = (row[0], row[1] // 86400)
-            bucket = groups.get(gk)
-            if bucket is None:
-                bucket = groups[gk] = []
-            bucket.append(row)
-        for (sym, day_no), rows in groups.items():
-            symbol = self._symbol(sym, len(rows))
+    def _take_md(self, exchange: str, records) -> None:
+        """Tickers have no gap engine: each row goes to the table of its symbol and of its own day."""
+        for field, day_no, blob, count in _md_groups(records):
+            symbol = self._symbol(field, count)
             if symbol is None:
                 continue
-            self._pend(TableKey(exchange, symbol.decode("ascii"), rec.KIND_MD, rec.day_string(day_no * 86400)),
-                       rows, rec.MD_WIRE.size)
+            self._pend(self._key(exchange, symbol, rec.KIND_MD, day_no), blob)
 
     def _symbol(self, field: bytes, rows: int):
         """The symbol of a wire record's symbol field, or None (its ``rows`` counted as refused).
@@ -321,43 +472,73 @@ class Writer:
         that matches by chance after a resync) costs its rows, counted, where
         storage.table_dir's own guard would raise out of the writer's loop.
         """
+        symbol = self._symbols.get(field)
+        if symbol is not None:
+            return symbol
         symbol = field.rstrip(b"\0")
         if rec.valid_symbol_bytes(symbol):
+            if len(self._symbols) >= 1 << 16:
+                self._symbols.clear()
+            self._symbols[field] = symbol
             return symbol
         self.stats.add("refused_records", rows)
         return None
 
+    def _key(self, exchange: str, symbol: bytes, kind: int, day_no: int) -> TableKey:
+        """The key of a table-day, made once (a key is looked up for every block of rows)."""
+        ident = (exchange, symbol, kind, day_no)
+        key = self._keys.get(ident)
+        if key is None:
+            if len(self._keys) >= 1 << 16:
+                self._keys.clear()
+            key = self._keys[ident] = TableKey(exchange, symbol.decode("ascii"), kind, rec.day_string(day_no * 86400))
+        return key
+
     def _store_trades(self, exchange: str, symbol: bytes, rows: list) -> None:
-        """Rows the gap engine let through, in order: into the table of each row's day."""
-        name = symbol.decode("ascii")
-        day_no = rows[0][2] // 86400
-        if rows[-1][2] // 86400 == day_no:
-            self._pend(TableKey(exchange, name, rec.KIND_TRADES, rec.day_string(rows[0][2])), rows,
-                       rec.TRADE_WIRE.size)
+        """Rows (tuples) the gap engine let through by the per-row path, or backfilled, in order."""
+        pack = rec.TRADE_WIRE.pack
+        self._store_block(exchange, symbol, b"".join([pack(*row) for row in rows]))
+
+    def _store_block(self, exchange: str, symbol: bytes, blob) -> None:
+        """Wire records the gap engine let through, in order: into the table of each row's day.
+
+        When the first and the last row are of one day, every row goes there
+        (as it always has: a row of another day between two of the same day
+        keeps the table in arrival order); otherwise the block is cut where the
+        day changes from the day of the run's first row.
+        """
+        size = _TRADE_SIZE
+        end = len(blob) - size
+        day_no = _TIME.unpack_from(blob, _TIME_AT)[0] // 86400
+        if _TIME.unpack_from(blob, end + _TIME_AT)[0] // 86400 == day_no:
+            self._pend(self._key(exchange, symbol, rec.KIND_TRADES, day_no), blob)
             return
         start = 0
-        for i in range(1, len(rows) + 1):
-            if i == len(rows) or rows[i][2] // 86400 != rows[start][2] // 86400:
-                self._pend(TableKey(exchange, name, rec.KIND_TRADES, rec.day_string(rows[start][2])),
-                           rows[start:i], rec.TRADE_WIRE.size)
-                start = i
+        for i in range(size, end + size + 1, size):
+            day = _TIME.unpack_from(blob, i + _TIME_AT)[0] // 86400 if i <= end else None
+            if day != day_no:
+                self._pend(self._key(exchange, symbol, rec.KIND_TRADES, day_no), blob[start:i])
+                start, day_no = i, day
 
-    def _pend(self, key: TableKey, rows: list, row_size: int) -> None:
-        if self._is_sealed(key.exchange, key.day):
-            self.stats.add("late_rows", len(rows))
-            log.error("%s/%s/%s: %d rows for day %s, which is sealed: refused", key.exchange, key.symbol,
-                      key.table, len(rows), key.day)
-            return
+    def _pend(self, key: TableKey, blob) -> None:
+        if key not in self.unsealed:
+            if self._is_sealed(key.exchange, key.day):
+                rows = len(blob) // rec.WIRE[key.kind].size
+                self.stats.add("late_rows", rows)
+                log.error("%s/%s/%s: %d rows for day %s, which is sealed: refused", key.exchange, key.symbol,
+                          key.table, rows, key.day)
+                return
+            self.unsealed.add(key)
         pending = self.pending.get(key)
         if pending is None:
-            pending = self.pending[key] = []
-            self.pending_bytes[key] = 0
-        pending.extend(rows)
-        added = len(rows) * row_size
-        self.pending_bytes[key] += added
-        self.pending_total += added
-        if self.pending_bytes[key] >= self.buffer_size:
+            pending = self.pending[key] = bytearray()
+        pending += blob
+        self.pending_total += len(blob)
+        if len(pending) >= self.buffer_size:
             self.flush_table(key)
+
+    def pending_rows(self) -> int:
+        return sum(len(buf) // rec.WIRE[key.kind].size for key, buf in self.pending.items())
 
     # -- gaps ------------------------------------------------------------------
     def engine(self, exchange: str) -> GapEngine:
@@ -368,6 +549,7 @@ class Writer:
                 exchange,
                 consecutive_ids=adapter_class(exchange).history.consecutive_ids,
                 emit=lambda symbol, rows, x=exchange: self._store_trades(x, symbol, rows),
+                emit_block=functools.partial(self._store_block, exchange),
                 request=lambda og, x=exchange: self.backfiller.submit(x, og),
                 record=self._record_gap,
                 load_mark=lambda symbol, x=exchange: self._mark_rows(x, symbol),
@@ -459,11 +641,7 @@ class Writer:
                 continue  # a gap of that day is still being filled
             for key in [k for k in self.pending if k.exchange == exchange and k.day == day]:
                 self.flush_table(key)
-            for key, files in list(self.files.items()):
-                if key.exchange == exchange and key.day == day:
-                    files.fsync()
-                    files.close()
-                    del self.files[key]
+            self._sync(lambda k: k.exchange == exchange and k.day == day, close=True)
             try:
                 self.ledger.sync()
                 path = seal.seal_day(self.data_path, exchange, day)
@@ -472,6 +650,7 @@ class Writer:
                 log.error("cannot seal %s day %s: %s", exchange, day, exc)
                 continue
             self.sealed[(exchange, day)] = True
+            self.unsealed = {k for k in self.unsealed if not (k.exchange == exchange and k.day == day)}
             self.stats.add("sealed_days")
             log.info("sealed %s day %s: %s", exchange, day, path)
             done.append((exchange, day))
@@ -480,33 +659,67 @@ class Writer:
     # -- files --------------------------------------------------------------
     def _table(self, key: TableKey) -> TableFiles:
         files = self.files.get(key)
-        if files is None:
-            while len(self.files) >= MAX_OPEN_TABLES:
-                _, old = self.files.popitem(last=False)
-                old.fsync()
-                old.close()
-            files = self.files[key] = TableFiles(self.data_path, key)
-        else:
+        if files is not None:
             self.files.move_to_end(key)
+            return files
+        while len(self.files) >= self.max_open_tables:
+            self._evict()
+        return self._open(key)
+
+    def _open(self, key: TableKey) -> TableFiles:
+        try:
+            files = TableFiles(self.data_path, key)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.files:
+                raise
+            # Out of descriptors all the same (a limit lowered under us, a descriptor leak elsewhere):
+            # a smaller cache beats a writer stuck on EMFILE.
+            self.max_open_tables = max(1, len(self.files) * 3 // 4)
+            self.stats.set("table_cache", self.max_open_tables)
+            if not self._emfile_logged:
+                self._emfile_logged = True
+                log.warning("out of file descriptors with %d tables open (%s): keeping at most %d",
+                            len(self.files), exc, self.max_open_tables)
+            while len(self.files) >= self.max_open_tables:
+                self._evict()
+            files = TableFiles(self.data_path, key)
+        self.stats.add("table_opens")
+        if key in self.evicted:
+            self.evicted.discard(key)
+            self.stats.add("reopened_tables")
+        self.files[key] = files
         return files
 
+    def _evict(self) -> None:
+        """Close the least recently used table (no fsync: see the module docstring, "Open files")."""
+        key, files = self.files.popitem(last=False)
+        self._release(key, files)
+        self.evicted.add(key)
+        self.stats.add("evictions")
+
+    def _release(self, key: TableKey, files: TableFiles) -> None:
+        """Close a table; if rows were written since its last fsync, it is fsynced at the next interval."""
+        if files.dirty:
+            self.to_sync.add(key)
+        files.close()
+
     def flush_table(self, key: TableKey) -> bool:
-        rows = self.pending.get(key)
-        if not rows:
+        records = self.pending.get(key)
+        if not records:
             return True
-        columns = rec.COLUMNS[key.kind]
-        values = list(zip(*rows))[1:]  # drop the symbol field
-        blobs = [pack_column(col, vals) for col, vals in zip(columns, values)]
+        rows = len(records) // rec.WIRE[key.kind].size
         try:
             files = self._table(key)
-            written = files.append(blobs, len(rows))
+            written = files.append(record_columns(key.kind, records), rows)
         except OSError as exc:
             self._io_error(key, exc)
             return False
         self.stats.add("bytes_written", written)
-        self.stats.add("rows", len(rows))
-        self.stats.add("rows_md" if key.kind == rec.KIND_MD else "rows_trades", len(rows))
-        self.pending_total -= self.pending_bytes.pop(key)
+        self.stats.add("rows", rows)
+        self.stats.add("rows_md" if key.kind == rec.KIND_MD else "rows_trades", rows)
+        if key.kind == rec.KIND_TRADES and self.feed is not None:
+            self.written[key] = files.rows
+        self.pending_total -= len(records)
         del self.pending[key]
         return True
 
@@ -521,7 +734,7 @@ class Writer:
             )
         files = self.files.pop(key, None)
         if files is not None:
-            files.close()
+            self._release(key, files)
 
     def flush_all(self) -> None:
         started = time.monotonic()
@@ -534,18 +747,27 @@ class Writer:
         self._publish_gaps()
 
     def _close_old_days(self) -> None:
+        """Close the tables of days before yesterday (and after tomorrow): when the day changes, and
+        once a minute for a table a late row opened (not every flush: 8,000 open tables are 8,000
+        looks)."""
         today = int(self.clock()) // 86400
+        now = time.monotonic()
+        if today == self._days_checked[0] and now - self._days_checked[1] < 60.0:
+            return
+        self._days_checked = (today, now)
         keep = {rec.day_string((today + d) * 86400) for d in (-1, 0, 1)}
         for key in [k for k in self.files if k.day not in keep and k not in self.pending]:
-            files = self.files.pop(key)
-            files.fsync()
-            files.close()
+            self._release(key, self.files.pop(key))
+        if any(k.day not in keep for k in self.evicted):
+            self.evicted = {k for k in self.evicted if k.day in keep}
+        if len(self.unsealed) > 4 * len(self.files) + 1024:
+            self.unsealed = {k for k in self.unsealed if k.day in keep}
 
     def _settle_gaps(self) -> None:
         """At a stop: give open gaps a moment, then let their held rows out (the gaps stay recorded)."""
         deadline = time.monotonic() + STOP_WAIT_SECS
         while any(e.pending() for e in self.engines.values()) and time.monotonic() < deadline:
-            select.select([self._wake_r], [], [], 0.05)
+            readable([self._wake_r], 0.05)
             self.take_backfills()
         for engine in self.engines.values():
             for gap_id in list(engine.open):
@@ -553,17 +775,39 @@ class Writer:
         self.backfiller.close()
 
     def fsync_all(self) -> None:
-        for files in self.files.values():
-            try:
-                files.fsync()
-            except OSError as exc:
-                self._io_error(files.key, exc)
-                break
+        """fsync every table written since its last fsync, open or closed since, and the gap ledger."""
+        self._sync(lambda key: True)
         try:
             self.ledger.sync()
         except OSError as exc:
             log.error("gap ledger: fsync failed: %s", exc)
         self.last_fsync = time.monotonic()
+
+    def _sync(self, which, close: bool = False) -> None:
+        """fsync the tables ``which(key)`` selects: open ones through their descriptors (closed after
+        if ``close``), closed ones remembered in ``to_sync`` by opening their columns once."""
+        done = 0
+        for key, files in list(self.files.items()):
+            if not which(key):
+                continue
+            try:
+                done += files.fsync(force=key in self.to_sync)
+                self.to_sync.discard(key)
+            except OSError as exc:
+                self.to_sync.discard(key)  # (an fsync error is reported once: asking again proves nothing)
+                self._io_error(key, exc)
+                continue
+            if close:
+                del self.files[key]
+                files.close()
+        for key in [k for k in self.to_sync if which(k)]:
+            self.to_sync.discard(key)
+            try:
+                done += sync_closed_table(self.data_path, key)
+            except OSError as exc:
+                self.stats.add("io_errors")
+                log.error("cannot fsync %s/%s/%s %s: %s", key.exchange, key.symbol, key.table, key.day, exc)
+        self.stats.add("fsyncs", done)
 
     def drain_and_close(self) -> None:
         """Read every pipe dry, settle open gaps, write everything, fsync, close."""
@@ -581,8 +825,8 @@ class Writer:
         self.ledger.sync()
         self.ledger.close()
         if self.pending_total:
-            self.stats.add("dropped_records", sum(len(r) for r in self.pending.values()))
-            log.error("exiting with %d rows that could not be written", sum(len(r) for r in self.pending.values()))
+            self.stats.add("dropped_records", self.pending_rows())
+            log.error("exiting with %d rows that could not be written", self.pending_rows())
         for files in self.files.values():
             files.close()
         self.files.clear()
@@ -591,3 +835,99 @@ class Writer:
             int(self.stats.get("rows")),
             int(self.stats.get("io_errors")),
         )
+
+
+# -- frames to blocks -------------------------------------------------------------------------------
+
+_TRADE_SIZE = rec.TRADE_WIRE.size
+_MD_SIZE = rec.MD_WIRE.size
+_ID = struct.Struct("<Q")
+_TIME = struct.Struct("<I")
+_TIME_AT = rec.SYMBOL_FIELD + 8  # a TRADE_WIRE record: symbol, id, time, ...
+_FIELDS: dict[tuple[str, int], struct.Struct] = {}
+_FIELDS_MAX = 128  # frames hold at most 78 records; longer inputs are unpacked record by record
+
+
+def _fields(fmt: str, data, n: int) -> tuple:
+    """The fields ``fmt`` picks from each of the ``n`` records of ``data``, flat: one unpack in C."""
+    if n > _FIELDS_MAX:
+        one = struct.Struct("<" + fmt)
+        return tuple(v for item in one.iter_unpack(data) for v in item)
+    unpack = _FIELDS.get((fmt, n))
+    if unpack is None:
+        unpack = _FIELDS[(fmt, n)] = struct.Struct("<" + fmt * n)
+    return unpack.unpack(data)
+
+
+_TRADE_SYMBOL = "%ds%dx" % (rec.SYMBOL_FIELD, _TRADE_SIZE - rec.SYMBOL_FIELD)
+_MD_SYMBOL_TIME = "%dsI%dx" % (rec.SYMBOL_FIELD, _MD_SIZE - rec.SYMBOL_FIELD - 4)
+
+
+def _by_symbol(records, size: int) -> list:
+    """``[(symbol field, records of that symbol, count)]`` of concatenated wire records, in order of
+    first appearance, each symbol's records in their order. A frame of one symbol is one block as it
+    came; the symbols are read with one unpack (one bytes object per record, none per other field)."""
+    n = len(records) // size
+    if n <= 1:
+        return [(bytes(records[: rec.SYMBOL_FIELD]), records, n)] if n else []
+    syms = _fields(_TRADE_SYMBOL, records, n)
+    first = syms[0]
+    if syms.count(first) == n:
+        return [(first, records, n)]
+    runs: dict[bytes, list] = {}
+    start, prev = 0, first
+    for i, sym in enumerate(syms):
+        if sym != prev:
+            runs.setdefault(prev, []).append(records[start * size : i * size])
+            start, prev = i, sym
+    runs.setdefault(prev, []).append(records[start * size :])
+    out = []
+    for sym, parts in runs.items():
+        blob = parts[0] if len(parts) == 1 else b"".join(parts)
+        out.append((sym, blob, len(blob) // size))
+    return out
+
+
+def _md_groups(records) -> list:
+    """``[(symbol field, day number, records, count)]`` of concatenated MD wire records: grouped by
+    symbol and by each row's own day, in order of first appearance, rows in order."""
+    size = _MD_SIZE
+    n = len(records) // size
+    if not n:
+        return []
+    f = _fields(_MD_SYMBOL_TIME, records, n)
+    syms, secs = f[0::2], f[1::2]
+    first = syms[0]
+    day_no = secs[0] // 86400
+    if syms.count(first) == n and min(secs) // 86400 == day_no == max(secs) // 86400:
+        return [(first, day_no, records, n)]
+    groups: dict[tuple, list] = {}
+    for i in range(n):
+        gk = (syms[i], secs[i] // 86400)
+        part = records[i * size : (i + 1) * size]
+        bucket = groups.get(gk)
+        if bucket is None:
+            groups[gk] = [part]
+        else:
+            bucket.append(part)
+    return [(sym, day, b"".join(parts), len(parts)) for (sym, day), parts in groups.items()]
+
+
+def _written_datagrams(written: dict) -> list[tuple[bytes, list]]:
+    """The "written" datagrams naming ``written`` (key -> rows), each at most ``FEED_MAX_BYTES``, with
+    the keys each one names."""
+    head, tail = b'{"op":"written","tables":[', b"]}"
+    out, entries, keys = [], [], []
+    size = len(head) + len(tail)
+    for key, rows in written.items():
+        entry = json.dumps([key.exchange, key.symbol, key.day, rows], separators=(",", ":")).encode("ascii")
+        if entries and size + len(entry) + 1 > FEED_MAX_BYTES:
+            out.append((head + b",".join(entries) + tail, keys))
+            entries, keys = [], []
+            size = len(head) + len(tail)
+        entries.append(entry)
+        keys.append(key)
+        size += len(entry) + 1
+    if entries:
+        out.append((head + b",".join(entries) + tail, keys))
+    return out

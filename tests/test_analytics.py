@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import socket
 import struct
+import threading
 
 import pytest
 
+from mdlogger import analytics
 from mdlogger import records as rec
-from mdlogger.analytics import Analytics, AnalyticsThread, format_table
-from mdlogger.storage import TableFiles, TableKey
+from mdlogger.analytics import Analytics, AnalyticsThread, format_table, parse_written
+from mdlogger.storage import TableFiles, TableKey, iter_tables, pack_column, read_columns
+
+from helpers import wait_for
 
 T0 = 1795478400  # 2026-11-24T00:00:00Z, a multiple of 60
 BUY, SELL = rec.SIDE_BUY, rec.SIDE_SELL
@@ -88,8 +95,6 @@ def test_the_thread_reads_what_the_writer_stored(tmp_path):
     files.append([struct.pack("<%d%s" % (len(v), c.code), *v) if c.code != "16s" else b"".join(v)
                   for c, v in zip(rec.TRADE_COLUMNS, cols)], len(rows))
     engine = Analytics(60)
-    import threading
-
     t = AnalyticsThread(str(tmp_path), engine, threading.Event(), clock=lambda: T0 + 5)
     assert t.poll() == 2 and t.poll() == 0  # only new rows are read
     files.append([struct.pack("<%d%s" % (1, c.code), v) if c.code != "16s" else v
@@ -119,3 +124,255 @@ def test_columns_fast_path_equals_row_by_row():
             assert a[window][k] == b[window][k], (window, k)
         for k in ("vwap", "volume", "buy_volume", "sell_volume"):
             assert a[window][k] == pytest.approx(b[window][k], rel=1e-12), (window, k)
+
+
+# -- the thread follows the writer's "written" feed ------------------------------------------------------
+
+DAY = rec.day_string(T0)
+BTC = TableKey("coinbase", "BTC-USD", rec.KIND_TRADES, DAY)
+ETH = TableKey("coinbase", "ETH-USD", rec.KIND_TRADES, DAY)
+
+
+def append(files: TableFiles, *trades):
+    """Append ``(sec, price, size, side)`` trades to an open table, as the writer does (one block)."""
+    first = files.rows + 1
+    rows = [(first + i, sec, 0, price, size, side, rec.ZERO_ID, rec.ZERO_ID)
+            for i, (sec, price, size, side) in enumerate(trades)]
+    files.append([pack_column(c, v) for c, v in zip(rec.TRADE_COLUMNS, zip(*rows))], len(rows))
+    return files.rows
+
+
+def written(*tables) -> bytes:
+    """A "written" datagram: ``(key, rows_on_disk_total)`` pairs."""
+    return json.dumps({"op": "written", "tables": [[k.exchange, k.symbol, k.day, n] for k, n in tables]}).encode()
+
+
+@pytest.fixture
+def disk(tmp_path, monkeypatch):
+    """Two open tables of today, and a record of every table read and every walk of the tree."""
+    files = {key: TableFiles(str(tmp_path), key) for key in (BTC, ETH)}
+    seen = {"read": [], "walks": 0}
+
+    def reading(data_path, key, names, start, stop):
+        seen["read"].append((key, start, stop))
+        return read_columns(data_path, key, names, start, stop)
+
+    def walking(*args, **kw):
+        seen["walks"] += 1
+        return iter_tables(*args, **kw)
+
+    monkeypatch.setattr(analytics, "read_columns", reading)
+    monkeypatch.setattr(analytics, "iter_tables", walking)
+    yield str(tmp_path), files, seen
+    for f in files.values():
+        f.close()
+
+
+@pytest.fixture
+def feed():
+    """A real SEQPACKET pair, as WriterChild makes it: (ours, the writer's)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def trades_of(engine, key):
+    return engine.report(now=T0 + 5)["exchanges"].get(key.exchange, {}).get(key.symbol, {}).get("today", {}).get(
+        "trades", 0)
+
+
+def test_the_thread_reads_only_the_tables_the_feed_names(disk, feed):
+    data, files, seen = disk
+    ours, theirs = feed
+    append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    append(files[ETH], (T0 + 1, 10.0, 1.0, SELL))  # (written before the thread has a feed)
+    engine = Analytics(60)
+    t = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, feed=ours)
+    assert t.fed
+    assert t.step() == t.POLL_SECS
+    assert seen["walks"] == 1 and {k for k, *_ in seen["read"]} == {BTC, ETH}  # the catch-up walk
+    assert trades_of(engine, BTC) == 1 and trades_of(engine, ETH) == 1
+
+    # Both tables grow on disk; the writer names only BTC: only BTC is read, and no directory is walked.
+    seen["read"].clear()
+    btc_total = append(files[BTC], (T0 + 2, 101.0, 1.0, BUY), (T0 + 3, 102.0, 1.0, SELL))
+    append(files[ETH], (T0 + 2, 11.0, 1.0, BUY))
+    theirs.send(written((BTC, btc_total)))
+    t.step()
+    assert seen["read"] == [(BTC, 1, 3)] and seen["walks"] == 1
+    assert trades_of(engine, BTC) == 3 and trades_of(engine, ETH) == 1  # ETH's new row waits
+    t.step()  # nothing named: nothing read
+    assert seen["read"] == [(BTC, 1, 3)] and seen["walks"] == 1 and t.offsets == {BTC: 3, ETH: 1}
+
+    # A new feed (a writer restart) brings one catch-up walk: ETH's unnamed row is picked up, once.
+    seen["read"].clear()
+    ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        t.set_feed(ours2)
+        t.step()
+        assert seen["walks"] == 2 and seen["read"] == [(ETH, 1, 2)] and trades_of(engine, ETH) == 2
+        assert ours.fileno() == -1 and t.feed is ours2  # the old feed is closed by the thread
+    finally:
+        theirs2.close()
+        ours2.close()
+
+
+def test_named_tables_are_merged_and_old_totals_read_nothing(disk, feed):
+    data, files, seen = disk
+    ours, theirs = feed
+    engine = Analytics(60)
+    t = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, feed=ours)
+    t.step()  # catch-up walk of empty tables
+    one = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    two = append(files[BTC], (T0 + 2, 100.0, 1.0, BUY))
+    theirs.send(written((BTC, one)))
+    theirs.send(written((BTC, two), (ETH, 0)))  # the writer splits long lists; totals only grow
+    theirs.send(written((BTC, one)))  # an older total (out of date): nothing more to read
+    t.step()
+    assert seen["read"] == [(BTC, 0, 2)] and trades_of(engine, BTC) == 2 and t.named == {}
+
+
+def test_malformed_datagrams_are_counted_and_ignored(disk, feed, caplog):
+    data, files, seen = disk
+    ours, theirs = feed
+    engine = Analytics(60)
+    stop = threading.Event()
+    t = AnalyticsThread(data, engine, stop, clock=lambda: T0 + 5, feed=ours)
+    bad = [
+        b"garbage", b"\xff\xfe", b"[1, 2]", b"null", b'{"op": "other", "tables": []}', b'{"op": "written"}',
+        b'{"op": "written", "tables": {}}', written((BTC, 1))[:-3],
+        b'{"op": "written", "tables": [["nowhere", "BTC-USD", "%s", 1]]}' % DAY.encode(),  # unknown exchange
+        b'{"op": "written", "tables": [["coinbase", "../../etc", "%s", 1]]}' % DAY.encode(),  # not a symbol
+        b'{"op": "written", "tables": [["coinbase", "BTC-USD", "%s", -1]]}' % DAY.encode(),
+        b'{"op": "written", "tables": [["coinbase", "BTC-USD", "%s", true]]}' % DAY.encode(),
+        b'{"op": "written", "tables": [["coinbase", "BTC-USD", "%s", 1.5]]}' % DAY.encode(),
+        b'{"op": "written", "tables": [["coinbase", "BTC-USD", 1]]}',
+        b"[" * 100000,  # nesting deep enough for a RecursionError
+        b" " * (AnalyticsThread.FEED_MAX + 1),  # longer than any datagram the writer sends: truncated
+    ]
+    with caplog.at_level(logging.WARNING, "mdlogger.analytics"):
+        t.start()
+        try:
+            for datagram in bad:
+                theirs.send(datagram)
+            total = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY), (T0 + 2, 100.0, 2.0, SELL))
+            theirs.send(written((BTC, total)))
+            wait_for(lambda: trades_of(engine, BTC) == 2 and t.bad_datagrams == len(bad), what="the good datagram")
+            assert t.is_alive() and t.errors == len(bad)
+        finally:
+            stop.set()
+            t.wake()
+            t.join(10)
+    assert not t.is_alive()
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 1  # logged once a minute, not once per datagram
+
+
+def test_a_total_beyond_the_files_is_read_by_a_walk_instead(disk, feed):
+    data, files, seen = disk
+    ours, theirs = feed
+    engine = Analytics(60)
+    t = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, feed=ours)
+    t.step()
+    total = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    theirs.send(written((BTC, total + 1000)))  # (a writer bug: more rows than the files hold)
+    assert t.step() == t.POLL_SECS and t.errors == 1 and t.named == {} and t.catch_up_due
+    t.step()  # the walk reads what is really there
+    assert trades_of(engine, BTC) == 1 and t.offsets[BTC] == 1 and seen["walks"] == 2
+
+
+def test_a_failed_read_keeps_the_table_named_for_the_next_pass(disk, feed, monkeypatch):
+    data, files, seen = disk
+    ours, theirs = feed
+    engine = Analytics(60)
+    t = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, feed=ours)
+    t.step()
+    total = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    theirs.send(written((BTC, total)))
+
+    def unreadable(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(analytics, "read_columns", unreadable)
+    assert t.step() >= t.POLL_SECS / 2 and t.failing and t.named == {BTC: 1} and t.errors == 1
+    monkeypatch.setattr(analytics, "read_columns", read_columns)
+    assert t.step() == t.POLL_SECS and trades_of(engine, BTC) == 1 and t.named == {} and not t.failing
+
+
+def test_the_feed_ending_brings_one_walk_and_a_replacement_thread_counts_nothing_twice(disk, feed):
+    data, files, seen = disk
+    ours, theirs = feed
+    engine = Analytics(60)
+    first = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, feed=ours)
+    first.step()
+    total = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    theirs.send(written((BTC, total)))
+    append(files[BTC], (T0 + 2, 100.0, 1.0, BUY))  # written by the writer just before it died, never named
+    theirs.close()  # the writer exited
+    first.step()  # the datagram, the end, then one walk: the dead writer's last row
+    assert first.feed is None and trades_of(engine, BTC) == 2 and seen["walks"] == 2
+    first.step()  # and no more walks while no writer runs
+    assert seen["walks"] == 2 and seen["read"] == [(BTC, 0, 2)]  # each row read once
+
+    # The thread ends; its replacement takes its offsets and the next writer's feed: nothing is counted twice.
+    ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    first.set_feed(ours2)
+    second = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, offsets=first.offsets,
+                             feed=first.take_feed(), fed=True)
+    try:
+        total = append(files[BTC], (T0 + 3, 100.0, 1.0, BUY))
+        theirs2.send(written((BTC, total)))
+        second.step()
+        assert trades_of(engine, BTC) == 3 and second.offsets[BTC] == 3 and second.feed is ours2
+    finally:
+        theirs2.close()
+        ours2.close()
+
+
+def test_a_new_day_follows_todays_tables_and_forgets_the_others(disk, feed):
+    data, files, seen = disk
+    ours, theirs = feed
+    now = [T0 + 5]
+    engine = Analytics(60)
+    t = AnalyticsThread(data, engine, threading.Event(), clock=lambda: now[0], feed=ours)
+    t.step()
+    total = append(files[BTC], (T0 + 1, 100.0, 1.0, BUY))
+    theirs.send(written((BTC, total)))
+    t.step()
+    assert t.offsets == {BTC: 1}
+    now[0] = T0 + 86400 + 5  # the next UTC day
+    tomorrow = TableKey("coinbase", "BTC-USD", rec.KIND_TRADES, rec.day_string(now[0]))
+    late = append(files[BTC], (T0 + 86399, 100.0, 1.0, BUY))  # yesterday's table, written after midnight
+    new = TableFiles(data, tomorrow)
+    try:
+        fresh = append(new, (T0 + 86401, 200.0, 1.0, SELL))
+        theirs.send(written((BTC, late), (tomorrow, fresh)))
+        seen["read"].clear()
+        t.step()
+    finally:
+        new.close()
+    assert seen["read"] == [(tomorrow, 0, 1)]  # today's tables only, as the walk does
+    assert t.offsets == {tomorrow: 1}  # the old day's offsets are dropped
+
+
+def test_a_stop_ends_the_thread_and_leaves_the_feed_open_for_a_draining_writer(tmp_path, feed):
+    ours, theirs = feed
+    stop = threading.Event()
+    t = AnalyticsThread(str(tmp_path), Analytics(60), stop, feed=ours)
+    t.start()
+    wait_for(lambda: not t.catch_up_due, what="the first pass")
+    stop.set()
+    t.wake()
+    t.join(10)
+    assert not t.is_alive()
+    theirs.send(written((BTC, 0)))  # the writer's last datagram, as it drains: no broken pipe
+    t.close_feed()  # (the supervisor, once the writer has exited)
+    assert ours.fileno() == -1 and t.feed is None
+    t.wake()  # (after the end: nothing happens)
+
+
+def test_parse_written():
+    assert parse_written(written((BTC, 3), (ETH, 0))) == [(BTC, 3), (ETH, 0)]
+    assert parse_written(b'{"op": "written", "tables": []}') == []
+    assert parse_written(b'{"op": "written", "tables": [["coinbase", "BTC-USD", "%s", 1, 2]]}' % DAY.encode()) is None

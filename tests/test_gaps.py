@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import time
 
+import pytest
+
+from mdlogger import records as rec
 from mdlogger.gaps import GapEngine
 from mdlogger.records import ZERO_ID
 
@@ -189,3 +193,87 @@ def test_an_orphan_with_nothing_missing_is_settled_as_filled():
     h.engine.load_orphans = lambda s: [orphan]
     h.engine.trades(SYM, [row(11)])
     assert h.ids() == [11] and ("old", "filled", "reconnect") in h.records
+
+
+# -- blocks of wire records (GapEngine.trades_block) ------------------------------------------------
+
+
+def wire(rows) -> bytes:
+    return b"".join(rec.TRADE_WIRE.pack(*r) for r in rows)
+
+
+class Twins:
+    """One engine fed blocks of wire records, one fed the same rows per row: they must agree."""
+
+    def __init__(self, consecutive, stored=()):
+        self.block, self.rows = Harness(consecutive, stored), Harness(consecutive, stored)
+        self.block.engine.emit_block = lambda s, blob: self.block.out.extend(rec.TRADE_WIRE.iter_unpack(blob))
+
+    def send(self, rows, replayed=False):
+        self.block.engine.trades_block(SYM, wire(rows), replayed)
+        self.rows.engine.trades(SYM, list(rec.TRADE_WIRE.iter_unpack(wire(rows))), replayed)
+
+    def resume(self, why="reconnect"):
+        self.block.engine.resume(SYM, why)
+        self.rows.engine.resume(SYM, why)
+
+    def check(self):
+        a, b = self.block.engine.tracks[SYM], self.rows.engine.tracks[SYM]
+        assert self.block.out == self.rows.out
+        assert (a.mark_id, a.mark_sec, a.mark_nanos, a.known, dict(a.edge)) == \
+               (b.mark_id, b.mark_sec, b.mark_nanos, b.known, dict(b.edge))
+        assert [r[1:] for r in self.block.records] == [r[1:] for r in self.rows.records]
+        assert self.block.engine.counts == self.rows.engine.counts
+
+
+def test_steady_blocks_take_the_fast_path_and_end_where_row_by_row_ends():
+    t = Twins(consecutive=True)
+    t.send([row(1, NOW, 0), row(2, NOW, 5, 101.0), row(3, NOW, 5, 102.0)])  # two rows at the latest time
+    t.send([row(4, NOW + 1, 0)])
+    t.send([row(5, NOW, 9), row(6, NOW + 1, 0, 103.0)])  # times go back: the edge still matches
+    t.check()
+    assert t.block.engine.fast_blocks == 3
+
+
+def test_blocks_that_are_not_steady_go_row_by_row():
+    t = Twins(consecutive=True, stored=[(10, NOW, 0, 1.0, 1.0, 1)])
+    t.send([row(11), row(12)])  # first sight after a restart: a resume is pending
+    t.send([row(12), row(13)])  # a duplicate
+    t.send([row(14), row(16), row(15), row(17)])  # out of order, first and last where they belong
+    t.check()
+    assert t.block.engine.fast_blocks == 0
+    t.block.engine.failed(t.block.requests[0].gap.gap, "x")
+    t.rows.engine.failed(t.rows.requests[0].gap.gap, "x")
+    t.send([row(18), row(19)], replayed=True)  # a replay: row by row whatever it holds
+    t.send([row(20)])
+    t.check()
+
+
+@pytest.mark.parametrize("consecutive,with_ids", [(True, True), (False, True), (False, False)])
+def test_random_blocks_agree_with_row_by_row(consecutive, with_ids):
+    """Binance-like, Bitfinex-like and Kraken-like rows, in blocks of every size, with jumps, duplicates,
+    resumes, replays, times that stand still or go back."""
+    rnd = random.Random(7)
+    t = Twins(consecutive)
+    tid, sec, nanos = 100, NOW - 600, 0
+    for _ in range(400):
+        rows = []
+        for _ in range(rnd.choice((1, 1, 2, 3, 7, 20))):
+            tid += 1 if consecutive else rnd.choice((1, 1, 5))
+            if rnd.random() < 0.05:
+                tid += 3  # a jump
+            step = rnd.choice((0, 0, 1, 1000, -1))
+            nanos = max(0, nanos + step)
+            rows.append(row(tid if with_ids else 0, sec, nanos, rnd.choice((1.0, 2.0, float("inf"))), 1.0,
+                            rnd.choice((1, 2))))
+        if rnd.random() < 0.05 and rows:
+            rows.insert(rnd.randrange(len(rows)), rows[0])  # a duplicate inside
+        if rnd.random() < 0.05:
+            t.resume()
+        t.send(rows, replayed=rnd.random() < 0.05)
+        for h in (t.block, t.rows):
+            for og in list(h.requests):
+                if og.gap.gap in h.engine.open:
+                    h.engine.failed(og.gap.gap, "down")
+        t.check()
+    assert t.block.engine.fast_blocks > 100

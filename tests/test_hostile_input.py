@@ -179,35 +179,29 @@ def test_deliver_still_counts_refusals_by_their_reason():
     assert sink.refused == [("bad_price", "1e-50"), ("oversized", b"x" * 64)]
 
 
-class FakeFrame:
-    opcode = frames.OPCODE_TEXT
-    fin = True
-
-    def __init__(self, data):
-        self.data = data
-
-
-class FakeWs:
-    """Hands out a few text frames, then asks the loop to stop."""
+class FakeReader:
+    """Hands out a few text messages as wsframes.WsReader.messages does, then asks the loop to stop."""
 
     def __init__(self, payloads, owner):
         self.payloads = list(payloads)
         self.owner = owner
+        self.frame_at = 0.0
+        self.messages = self._messages()
 
     def settimeout(self, value):
         pass
 
-    def recv_frame(self):
-        if not self.payloads:
+    def _messages(self):
+        yield from self.payloads
+        while True:
             self.owner.stop_requested = True
-            raise frames.websocket.WebSocketTimeoutException("done")
-        return FakeFrame(self.payloads.pop(0))
+            yield None  # a socket timeout
 
 
 class FakeLink:
-    def __init__(self, ws, session):
-        self.ws, self.session = ws, session
-        self.limiter, self.opened, self.fragments = None, time.monotonic(), []
+    def __init__(self, reader, session):
+        self.reader, self.session = reader, session
+        self.limiter, self.opened = None, time.monotonic()
 
 
 class Sender:
@@ -245,12 +239,12 @@ def test_the_worker_receive_loop_counts_an_unexpected_exception_as_parser_error(
     w.settings = type("S", (), {"logger": type("L", (), {"healthy_run_secs": 60.0})()})()
     w.adapter = type("A", (), {"max_frame_bytes": 1 << 20, "max_connection_age": None})()
     session = Boom(TypeError("unhashable type: 'list'"))
-    w._receive(FakeLink(FakeWs([b'{"type":[]}', b"{}", b"[]"], w), session))
+    w._receive(FakeLink(FakeReader([b'{"type":[]}', b"{}", b"[]"], w), session))
     assert session.calls == 3
     assert stats.get("drop_parser_error") == 3 and stats.get("parse_errors") == 3
     w.stop_requested = False
     with pytest.raises(Rotate):
-        w._receive(FakeLink(FakeWs([b"{}"], w), Boom(Rotate("planned"))))
+        w._receive(FakeLink(FakeReader([b"{}"], w), Boom(Rotate("planned"))))
 
 
 def test_refusals_are_logged_once_a_minute_per_reason_with_a_count(monkeypatch, caplog):

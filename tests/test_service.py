@@ -247,12 +247,13 @@ def test_bad_input_is_counted_by_reason_and_never_stored(running, fake):
     fake.push_raw('{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT"}}')
     for conn in fake.open_connections():
         conn.send_frames(encode_frame(OP_BINARY, b"\x00\x01binary"))
-        conn.send_frames(encode_frame(1, b'{"pad":"' + b"x" * (1 << 20) + b'"}'))
     fake.push_trade("BTC-USDT", p="NaN")
     fake.push_trade("ETH-USDT", q="-1")
     fake.push_trade("SOL-USDT", s="../../X")
     fake.push_trade("BTC-USDT", T=1000)
     fake.push_trade("BTC-USDT")  # one good trade after all that
+    for conn in fake.open_connections():  # last: a frame over 1 MiB closes its connection (1009), which reopens
+        conn.send_frames(encode_frame(1, b'{"pad":"' + b"x" * (1 << 20) + b'"}'))
 
     def reasons():
         out = {}
@@ -266,7 +267,8 @@ def test_bad_input_is_counted_by_reason_and_never_stored(running, fake):
     wait_for(lambda: want <= set(reasons()), what="every reason counted")
     doc = running.health()[1]
     assert doc["exchanges"]["binance"]["refused_by_reason"]["oversized"] == 2  # one per connection
-    assert all(s["restarts"] == 0 and s["connected"] for s in doc["shards"])
+    assert [s["frame_closes"]["oversized"] for s in doc["shards"]] == [1, 1]
+    wait_for(lambda: all(s["restarts"] == 0 and s["connected"] for s in running.shards()), what="reconnected")
     wait_for(lambda: running.records() == 1, what="the good trade")
     assert running.stop() == 0
     assert len(read_rows(running.data_path, "binance", "BTC-USDT", "TRADES", today())) == 1

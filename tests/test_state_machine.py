@@ -1,17 +1,24 @@
-"""The per-process state machine, the backoff and the children, without forking anything."""
+"""The per-process state machine, the backoff and the children, without forking anything; and the
+forkserver's socket directory (the one test that starts the real service: a long TMPDIR)."""
 
 import json
+import logging
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import random
+import re
+import shutil
 import signal
 import socket
+import tempfile
 
 import pytest
 
+from mdlogger import child as child_module
 from mdlogger.backoff import Backoff
-from mdlogger.child import (TRANSITIONS, InvalidTransition, Launcher, ProcessState, State, WorkerChild, WriterChild,
-                            join_all)
+from mdlogger.child import (SOCKET_PATH_MAX, TRANSITIONS, InvalidTransition, Launcher, ProcessState, SocketDirError,
+                            State, WorkerChild, WriterChild, forkserver_socket_dir, join_all)
 from mdlogger.exchanges.base import SymbolInfo
 from mdlogger.planning import ExchangeState, ExchangeStatus, free_shard_number, plan_shards, split_shards
 from mdlogger.stats import WORKER_FIELDS, WRITER_FIELDS, Block, Note
@@ -178,8 +185,8 @@ def test_free_shard_number_fills_the_lowest_hole():
 
 
 class FakeProcess:
-    def __init__(self, pid, target, args):
-        self.pid, self.target, self.args = pid, target, args
+    def __init__(self, pid, target, args, kwargs):
+        self.pid, self.target, self.args, self.kwargs = pid, target, args, kwargs
         self.exitcode = None
         self.closed = False
 
@@ -197,10 +204,11 @@ class FakeLauncher(Launcher):
         super().__init__(ctx=None, log_level=0)
         self.spawned, self.signals = [], []
 
-    def spawn(self, target, name, args):
+    def spawn(self, target, name, args, kwargs=None):
         # A forked child holds its own copy of each socket it is given, as after a fork.
         args = tuple(a.dup() if isinstance(a, socket.socket) else a for a in args)
-        p = FakeProcess(1000 + len(self.spawned), target, args + (self.log_conn, self.log_level))
+        kwargs = {k: v.dup() if isinstance(v, socket.socket) else v for k, v in (kwargs or {}).items()}
+        p = FakeProcess(1000 + len(self.spawned), target, args + (self.log_conn, self.log_level), kwargs)
         self.spawned.append(p)
         return p
 
@@ -353,9 +361,19 @@ def test_writer_child_is_handed_every_slot_on_each_start(launcher, new_worker):
         writer.stop()
         assert writer.state is State.STOPPING
     finally:
-        for p in launcher.spawned:
+        close_writer(writer, launcher)
+
+
+def close_writer(writer, launcher):
+    """Close every socket a WriterChild test made (ours and the fake children's copies)."""
+    for p in launcher.spawned:
+        if p.target is writer_main:
             p.args[1].close()
-        writer.control.close()
+            p.kwargs["feed"].close()
+    writer.control.close()
+    feed = writer.take_feed()
+    if feed is not None:
+        feed.close()
 
 
 def test_writer_child_heartbeat(launcher):
@@ -365,8 +383,53 @@ def test_writer_child_heartbeat(launcher):
         writer.check(5.0, heartbeat_limit=2.0)
         assert launcher.signals == [(writer.process.pid, signal.SIGKILL)]
     finally:
-        writer.control.close()
-        launcher.spawned[-1].args[1].close()
+        close_writer(writer, launcher)
+
+
+def test_each_writer_start_makes_a_feed_for_analytics(launcher):
+    """The writer's end goes to writer_main as ``feed=``; ours is taken once, and a new writer gets a new pair."""
+    writer = WriterChild(launcher, Backoff(1.0, 8.0, random.Random(1)), Block(WRITER_FIELDS), lambda: [])
+    writer.start(0.0, "SETTINGS")
+    taken = []
+    try:
+        p = launcher.spawned[-1]
+        theirs = p.kwargs["feed"]
+        assert theirs.type == socket.SOCK_SEQPACKET and theirs.family == socket.AF_UNIX
+        assert writer._their_feed is None  # our copy of the writer's end is closed once it started
+        ours = writer.take_feed()
+        taken.append(ours)
+        assert ours is not None and writer.take_feed() is None  # taken once
+        theirs.send(b'{"op": "written", "tables": []}')
+        assert ours.recv(100) == b'{"op": "written", "tables": []}'
+        # A new writer: a new pair; the old writer's end closing reads as the end on ours.
+        p.exitcode = 1
+        writer.reap(0.5)
+        writer.start(5.0, "SETTINGS")
+        new_theirs = launcher.spawned[-1].kwargs["feed"]
+        assert new_theirs is not theirs
+        new_ours = writer.take_feed()
+        taken.append(new_ours)
+        new_theirs.send(b"x")
+        assert new_ours.recv(10) == b"x"
+        theirs.close()
+        assert ours.recv(10) == b""  # the end
+    finally:
+        close_writer(writer, launcher)
+        for sock in taken:
+            sock.close()
+
+
+def test_a_feed_never_taken_is_closed_by_the_next_start(launcher):
+    writer = WriterChild(launcher, Backoff(1.0, 8.0, random.Random(1)), Block(WRITER_FIELDS), lambda: [])
+    writer.start(0.0, None)
+    first = writer.feed
+    try:
+        launcher.spawned[-1].exitcode = 1
+        writer.reap(0.5)
+        writer.start(5.0, None)
+        assert first.fileno() == -1 and writer.feed is not first
+    finally:
+        close_writer(writer, launcher)
 
 
 def test_health_answers_json_before_the_first_loop(tmp_path):
@@ -382,3 +445,143 @@ def test_health_answers_json_before_the_first_loop(tmp_path):
     resp = build_app(lambda: sup.view, sup.analytics).test_client().get("/health")
     assert resp.status_code == 503 and resp.get_json()["exchanges"]["binance"]["state"] == "discovering"
     assert resp.get_json()["writer"]["state"] == "stopped"
+
+
+def test_the_supervisor_hands_each_writers_feed_to_the_analytics_thread(tmp_path):
+    """On every writer (re)start the new feed goes to the analytics thread; a replacement thread takes it over."""
+    from mdlogger.analytics import AnalyticsThread
+    from mdlogger.settings import load_settings
+    from mdlogger.supervisor import Supervisor
+
+    from helpers import wait_for
+
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True},
+                             check_resources=False)
+    sup = Supervisor(settings)
+    launcher = FakeLauncher()
+    sup.writer.launcher = launcher
+    thread = sup.analytics_thread = AnalyticsThread(str(tmp_path), sup.analytics, sup.stop_threads, fed=True)
+    try:
+        sup._supervise(0.0)  # the writer starts; its feed goes to the thread
+        first = thread.take_feed()
+        assert first is not None and sup.writer.feed is None
+        thread.set_feed(first)
+        launcher.spawned[-1].kwargs["feed"].send(b"hello")
+        launcher.spawned[-1].exitcode = -9
+        sup._supervise(0.5)  # reaped; restarts once its backoff is over
+        sup._supervise(5.0)
+        assert len(launcher.spawned) == 2 and first.fileno() == -1  # the untaken old feed is closed
+        second = thread._new_feed
+        launcher.spawned[-1].kwargs["feed"].send(b"again")
+        assert second.recv(10) == b"again"
+        # The thread ended (here: never started); its replacement gets the feed and the offsets.
+        thread.run = lambda: None
+        thread.start()
+        thread.join()
+        sup._check_threads()
+        fresh = sup.analytics_thread
+        assert fresh is not thread and fresh.fed
+        wait_for(lambda: fresh.feed is second, what="the replacement thread following the same feed")
+    finally:
+        sup.stop_threads.set()
+        for status in sup.exchanges.values():
+            status.discovery_stop.set()
+        sup.analytics_thread.wake()
+        sup.analytics_thread.join(5)
+        sup.analytics_thread.close_feed()
+        close_writer(sup.writer, launcher)
+
+
+# -- the forkserver's socket directory (a long TMPDIR) -------------------------------------------------------
+
+
+def long_dir(root, length=100) -> str:
+    """A directory whose path is ``length`` characters long or more (a long TMPDIR)."""
+    path = os.path.join(str(root), "t" * max(1, length - len(str(root)) - 1))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def mp_tempdir(monkeypatch, tmp_path):
+    """multiprocessing's temp directory not chosen yet, and TMPDIR long; both restored after the test."""
+    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", long_dir(tmp_path))
+    return tmp_path
+
+
+def test_a_long_tmpdir_gets_a_short_private_directory_for_the_forkserver(mp_tempdir):
+    base = tempfile.mkdtemp(prefix="md-", dir="/tmp")
+    try:
+        chosen = forkserver_socket_dir(str(mp_tempdir / "data"), bases=[long_dir(mp_tempdir, 120), base])
+        assert os.path.dirname(chosen) == base and os.stat(chosen).st_mode & 0o777 == 0o700
+        assert multiprocessing.util.get_temp_dir() == chosen  # where the forkserver binds its socket
+        address = multiprocessing.connection.arbitrary_address("AF_UNIX")
+        assert address.startswith(chosen) and len(address) <= SOCKET_PATH_MAX
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(address)  # (what failed with "AF_UNIX path too long")
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_short_tmpdir_is_left_alone(monkeypatch, tmp_path):
+    monkeypatch.delitem(multiprocessing.current_process()._config, "tempdir", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp")
+    assert forkserver_socket_dir(str(tmp_path)) is None
+    assert "tempdir" not in multiprocessing.current_process()._config
+
+
+def test_the_data_directory_serves_when_tmp_cannot(mp_tempdir, monkeypatch):
+    monkeypatch.setattr(child_module, "SHORT_DIR_BASES", (long_dir(mp_tempdir, 120),))
+    data = tempfile.mkdtemp(prefix="md-", dir="/tmp")
+    try:
+        chosen = forkserver_socket_dir(data)
+        assert os.path.dirname(chosen) == os.path.join(data, ".run")
+    finally:
+        shutil.rmtree(data)
+
+
+def test_no_short_directory_is_one_line_and_the_supervisor_starts_nothing(mp_tempdir, monkeypatch, caplog):
+    from mdlogger.settings import load_settings
+    from mdlogger.supervisor import EXIT_NO_SOCKET_DIR, Supervisor
+
+    monkeypatch.setattr(child_module, "SHORT_DIR_BASES", (long_dir(mp_tempdir, 120),))
+    data = long_dir(mp_tempdir / "data", 120)
+    with pytest.raises(SocketDirError) as err:
+        forkserver_socket_dir(data)
+    assert "\n" not in str(err.value) and "set TMPDIR to a shorter directory" in str(err.value)
+    settings = load_settings(None, {}, {"logger.data_path": data, "exchanges.binance.enabled": True},
+                             check_resources=False)
+    sup = Supervisor(settings)
+    with caplog.at_level(logging.ERROR, "mdlogger.supervisor"):
+        assert sup.run() == EXIT_NO_SOCKET_DIR
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0] and "cannot start" in caplog.text
+    assert sup.writer.process is None and sup.analytics_thread is None
+
+
+@pytest.mark.slow
+def test_the_service_runs_with_a_long_tmpdir(tmp_path):
+    """With TMPDIR 100 characters long the forkserver's socket would not fit: the service uses a short
+    private directory, says so, captures, and removes the directory at exit."""
+    from mdlogger.fakes.binance import FakeBinance
+
+    from helpers import service, service_config, wait_for
+
+    tmpdir = long_dir(tmp_path, 100)
+    private = None
+    try:
+        with FakeBinance(symbols=["BTC-USDT"], mode="steady", rate=20) as fake, \
+                service(tmp_path, service_config(tmp_path / "data", [fake]), env={"TMPDIR": tmpdir}) as svc:
+            m = wait_for(lambda: re.search(r"too long for the forkserver's Unix socket; using (\S+)", svc.log_text()),
+                         what="the line saying which directory the forkserver uses")
+            private = m.group(1)
+            assert os.path.dirname(private) == "/tmp" and os.stat(private).st_mode & 0o777 == 0o700
+            svc.wait_all_connected(1)
+            wait_for(lambda: svc.writer()["rows_trades"] > 0, what="trades on disk",
+                     explain=lambda: svc.log_text()[-3000:])
+            assert svc.stop() == 0, svc.log_text()[-3000:]
+        assert not os.path.exists(private)  # removed at exit
+        assert "AF_UNIX path too long" not in svc.log_text() and "Traceback" not in svc.log_text()
+    finally:
+        if private is not None and os.path.isdir(private):  # (a test that failed: the tree was killed)
+            shutil.rmtree(private)

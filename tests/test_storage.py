@@ -7,8 +7,8 @@ import pytest
 
 from mdlogger import records as rec
 from mdlogger.reader import dump_csv, open_table, read_rows
-from mdlogger.storage import (TableFiles, TableKey, column_path, last_trades, pack_column, read_columns, repair_all,
-                              repair_table, table_rows)
+from mdlogger.storage import (TableFiles, TableKey, column_path, last_trades, pack_column, read_columns,
+                              record_columns, repair_all, repair_table, table_rows)
 
 
 def test_paths_follow_the_contract(tmp_path):
@@ -115,3 +115,27 @@ def test_read_rows_of_a_missing_table_names_the_file(tmp_path):
         read_rows(str(tmp_path), "binance", "BTC-USDT", "TRADES", "24.11.26")
     with pytest.raises(ValueError):
         read_rows(str(tmp_path), "binance", "BTC-USDT", "BOOK", "24.11.26")
+
+
+@pytest.mark.parametrize("kind", [rec.KIND_TRADES, rec.KIND_MD])
+@pytest.mark.parametrize("n", [1, 2, 3, 48, 1000])
+def test_record_columns_are_the_packed_columns_of_the_rows(kind, n):
+    import random
+
+    rnd = random.Random(n)
+    wire = rec.WIRE[kind]
+
+    def value(code):
+        if code == "f":
+            return rnd.choice((0.1, 1e30, -2.5, float("inf"), float("nan"), 3.0))
+        if code == "16s":
+            return rnd.randbytes(16)
+        return rnd.getrandbits(64 if code == "Q" else 32)
+
+    rows = [(b"BTC-USDT",) + tuple(value(c.code) for c in rec.COLUMNS[kind]) for _ in range(n)]
+    records = bytearray(b"".join(wire.pack(*r) for r in rows))
+    got = [bytes(memoryview(c).cast("B")) for c in record_columns(kind, records)]
+    unpacked = list(zip(*wire.iter_unpack(records)))[1:]
+    assert got == [pack_column(c, v) for c, v in zip(rec.COLUMNS[kind], unpacked)]
+    with pytest.raises(ValueError):
+        record_columns(kind, records + b"\0")

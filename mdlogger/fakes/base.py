@@ -41,6 +41,16 @@ socket of at least one connection (live, or in a subscribe snapshot), and
 ``sent_trades`` / ``sent_counts`` still hold only trades delivered live.
 "Delivered" means written to the socket, not proof that the client read it.
 
+For benchmarks (set as attributes after construction, before ``start``):
+``firehose_trades`` (None: endless) ends each connection's firehose after that
+many trade frames, the last round cut to fit (``sent_counts`` still counts it
+whole), leaving the connection open with its keepalives; ``rates`` (``{symbol: trades/s}``, None: every symbol at
+``rate``) switches the steady clock to a schedule: each symbol trades as a
+Poisson process at its own rate and each subscribed symbol gets a ticker every
+``ticker_interval`` seconds (1.0), spread over the interval instead of all at
+once; ``stop_market()`` ends the steady trading (keepalives go on).
+:func:`generated_symbols` makes long symbol lists.
+
 Faults: ``drop_all()``, ``go_silent(seconds)``, ``drop_after(n)`` (end every
 connection, without a close frame, once it was sent ``n`` data messages),
 ``refuse_upgrades(seconds)`` (WebSocket upgrades answered 503, REST still
@@ -53,12 +63,18 @@ from __future__ import annotations
 
 import bisect
 import collections
+import heapq
+import itertools
 import json
 import random
+import string
 import threading
 import time
 
 from .wsserver import OP_PONG, OP_TEXT, ConnectionClosed, FakeServer, WsConn, encode_frame
+
+_H16 = 126  # server frame length codes: 16-bit and 64-bit extended lengths
+_H64 = 127
 
 START_PRICES = {"BTC": 87000.0, "ETH": 3100.0, "BNB": 610.0, "SOL": 140.0, "DOGE": 0.16, "XRP": 2.1, "ADA": 0.7}
 FIREHOSE_BLOB = 20000  # trades pre-encoded per firehose blob
@@ -69,6 +85,34 @@ JSON = {"Content-Type": "application/json"}
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def generated_symbols(n: int, quote: str, first=("BTC", "ETH", "SOL", "XRP", "DOGE", "ADA")) -> list[str]:
+    """``n`` symbols ``BASE-quote``: the ``first`` bases, then made-up three-letter ones (``QAA``, ``QAB``, ...,
+    then ``JAA``...), which no fake or adapter treats specially (three letters keep Kraken's and Bitfinex's pair
+    spellings plain). At most ``len(first)`` + 2 x 676."""
+    made = ("%s%s%s" % (a, b, c) for a in "QJ" for b in string.ascii_uppercase for c in string.ascii_uppercase)
+    bases = [b for b in first if b != quote][:n]
+    bases += list(itertools.islice(made, max(0, n - len(bases))))
+    if len(bases) < n:
+        raise ValueError("at most %d generated symbols" % len(bases))
+    return ["%s-%s" % (b, quote) for b in bases]
+
+
+def cut_frames(blob: bytes, n: int) -> bytes:
+    """The first ``n`` frames of a blob of unmasked server frames (all of it if it holds fewer)."""
+    at = 0
+    for _ in range(n):
+        if at >= len(blob):
+            break
+        code = blob[at + 1] & 0x7F
+        if code == _H16:
+            at += 4 + int.from_bytes(blob[at + 2:at + 4], "big")
+        elif code == _H64:
+            at += 10 + int.from_bytes(blob[at + 2:at + 10], "big")
+        else:
+            at += 2 + code
+    return blob[:at]
 
 
 class SymbolState:
@@ -199,6 +243,11 @@ class FakeExchange(FakeServer):
         self._frozen_ns: int | None = None
         self.wall_ns = time.time_ns  # the wall clock trade times come from (tests may replace it)
         self.lock = threading.RLock()  # market state, records, and sends that must stay in order
+        # Benchmark knobs (module docstring), set after construction:
+        self.firehose_trades: int | None = None  # trade frames per connection's firehose (None: endless)
+        self.rates: dict[str, float] | None = None  # per-symbol trades/s: the scheduled steady clock
+        self.ticker_interval = 1.0  # seconds between one symbol's tickers on the scheduled clock
+        self.trading = True  # False after stop_market(): the steady clock makes no more trades
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self):
@@ -507,7 +556,10 @@ class FakeExchange(FakeServer):
                             self.on_clock(conn, now)
                     except ConnectionClosed:
                         pass
-            if self.mode != "steady":
+            if self.mode != "steady" or not self.trading:
+                continue
+            if self.rates is not None:
+                self._scheduled(now, silent)
                 continue
             if self.trade_when_unsubscribed:
                 trading = list(self.symbols)
@@ -525,15 +577,52 @@ class FakeExchange(FakeServer):
                 for symbol in self.subscribed("ticker"):
                     self.push_ticker(symbol)
 
+    def stop_market(self) -> None:
+        """The steady clock makes no more trades or tickers from now on (keepalives go on)."""
+        self.trading = False
+
+    def _scheduled(self, now: float, silent: bool) -> None:
+        """One tick of the scheduled steady clock (``rates``): due trades (Poisson arrivals per symbol) and due
+        tickers (every ``ticker_interval`` per subscribed symbol, phases spread over the interval)."""
+        sched = getattr(self, "_schedule", None)
+        if sched is None:
+            sched = self._schedule = {"heap": [], "subs": (0.0, set(), set())}
+            for symbol in self.symbols:
+                rate = self.rates.get(symbol, self.rate)
+                if rate > 0:
+                    sched["heap"].append((now + self.rng.expovariate(rate), 0, symbol))
+                sched["heap"].append((now + self.rng.uniform(0, self.ticker_interval), 1, symbol))
+            heapq.heapify(sched["heap"])
+        at, trades_to, tickers_to = sched["subs"]
+        if now - at >= 0.5:  # who is subscribed, refreshed twice a second
+            trades_to, tickers_to = self.subscribed("trades"), self.subscribed("ticker")
+            sched["subs"] = (now, trades_to, tickers_to)
+        heap = sched["heap"]
+        while heap and heap[0][0] <= now:
+            due, kind, symbol = heapq.heappop(heap)
+            if kind == 0:
+                if self.trade_when_unsubscribed or (not silent and symbol in trades_to):
+                    self.clock_trade(symbol)
+                rate = self.rates.get(symbol, self.rate)
+                heapq.heappush(heap, (due + self.rng.expovariate(rate), 0, symbol))
+            else:
+                if not silent and symbol in tickers_to:
+                    self.push_ticker(symbol)
+                heapq.heappush(heap, (max(due + self.ticker_interval, now), 1, symbol))
+
     # -- firehose -----------------------------------------------------------------------------------
     def _firehose(self, conn: WsConn) -> None:
-        """Trade frames as fast as the socket takes them, from the fake's firehose source."""
+        """Trade frames as fast as the socket takes them, from the fake's firehose source; at most
+        ``firehose_trades`` frames on this connection when that is set."""
         source, key = None, None
+        left = self.firehose_trades
         while not conn.closed and not self._stopping.is_set():
+            if left is not None and left <= 0:
+                return  # done: the connection stays open (keepalives, client messages)
             if self.silent():
                 time.sleep(0.05)
                 continue
-            states = [st for st in self.symbols.values() if self.wants(conn, st, "trades")]
+            states = self.firehose_states(conn)
             if not states:
                 time.sleep(0.01)
                 continue
@@ -544,13 +633,22 @@ class FakeExchange(FakeServer):
                     source = self.firehose_source(conn, states)
             with self.lock:
                 blob = source.next_round()
+            frames = source.frames
+            if left is not None and frames > left:
+                blob, frames = cut_frames(blob, left), left
             try:
                 conn.send_frames(blob)
             except ConnectionClosed:
                 return
+            if left is not None:
+                left -= frames
             with self.lock:
                 source.sent()
-                self._count_sent(conn, source.frames)
+                self._count_sent(conn, frames)
+
+    def firehose_states(self, conn: WsConn) -> list:
+        """The symbols whose trades the firehose sends on a connection (those it subscribed to)."""
+        return [st for st in self.symbols.values() if self.wants(conn, st, "trades")]
 
     def firehose_source(self, conn: WsConn, states: list) -> "ResentBlob":
         """What the firehose sends: ``next_round() -> bytes``, ``sent()`` once it is on the socket, ``stale()``,

@@ -27,7 +27,11 @@ Speaks the real protocol (docs/PROTOCOLS.md, "Binance spot"):
   ``{"code":2,"msg":"Invalid request: ...","id":N}``; at most 1024 streams.
 * Events wrapped as ``{"stream":..., "data":...}`` in the real ``trade`` and
   ``24hrTicker`` shapes; only ``<sym>@trade`` and ``<sym>@ticker`` are fed,
-  other valid stream names are accepted and stay silent. Trade ids are
+  other valid stream names are accepted and stay silent, except in firehose
+  mode, where a connection subscribed to ``<sym>@aggTrade`` streams and to no
+  ``@trade`` one gets the firehose as ``aggTrade`` events (``a``, ``f`` and
+  ``l`` all the consecutive id): what other clients subscribe to, for the
+  benchmark (bench/bench_firehose.py). Trade ids are
   consecutive per symbol, times in ms; prices sit on the symbol's tick;
   tickers carry 24 h figures built from the trades made. No snapshot on
   subscribe (as real).
@@ -376,8 +380,17 @@ class FakeBinance(FakeExchange):
 
     # -- firehose ----------------------------------------------------------------------------
     def firehose_source(self, conn: WsConn, states: list) -> "FirehosePath":
-        """Consecutive ids and current times in every round (see FirehosePath)."""
-        return FirehosePath(self, states)
+        """Consecutive ids and current times in every round (see FirehosePath); aggTrade events for a
+        connection subscribed to aggTrade streams only."""
+        return FirehosePath(self, states, agg=not any(self.wants(conn, st, "trades") for st in states))
+
+    def firehose_states(self, conn: WsConn) -> list:
+        """The symbols subscribed with ``@trade`` or, when there are none, with ``@aggTrade``."""
+        states = super().firehose_states(conn)
+        if states:
+            return states
+        streams = conn.state.get("streams", ())
+        return [st for name, st in self.by_stream.items() if name + "@aggTrade" in streams]
 
     def _walk(self, st: SymbolState) -> tuple[str, str, bool]:
         """Move a symbol's price one trade without using a trade id: (price, qty, taker bought)."""
@@ -448,9 +461,10 @@ class FirehosePath:
 
     K = 8  # pieces per frame
 
-    def __init__(self, fake: FakeBinance, states: list):
+    def __init__(self, fake: FakeBinance, states: list, agg: bool = False):
         self.fake = fake
         self.states = states
+        self.agg = agg  # aggTrade events: the id slot holds ``a`` plus ``"f"`` and ``"l"``
         self.made = time.monotonic()
         self.per = max(1, FIREHOSE_ROUND // len(states))
         self.n = self.frames = self.per * len(states)
@@ -472,9 +486,10 @@ class FirehosePath:
         j = len(self.static)
         price, qty, bought = self.fake._walk(st)
         stream = st.base.lower() + st.quote.lower()
+        kind, id_key = (b"aggTrade", b"a") if self.agg else (b"trade", b"t")
         parts = (
-            b'{"stream":"%s@trade","data":{"e":"trade","E":' % stream.encode(),
-            b',"s":"%s","t":' % (st.base + st.quote).encode(),
+            b'{"stream":"%s@%s","data":{"e":"%s","E":' % (stream.encode(), kind, kind),
+            b',"s":"%s","%s":' % ((st.base + st.quote).encode(), id_key),
             b',"p":"%s","q":"%s","T":' % (price.encode(), qty.encode()),
             b',"m":%s,"M":true}}' % (b"false" if bought else b"true"),
         )
@@ -496,7 +511,10 @@ class FirehosePath:
         ms = b"%d" % self.round_ms
         first_ids, widths = [], set()
         for si, st in enumerate(self.states):
-            ids = [b"%d" % i for i in range(st.next_id, st.next_id + per)]
+            if self.agg:
+                ids = [b'%d,"f":%d,"l":%d' % (i, i, i) for i in range(st.next_id, st.next_id + per)]
+            else:
+                ids = [b"%d" % i for i in range(st.next_id, st.next_id + per)]
             first_ids.append(st.next_id)
             st.next_id += per
             st.count += per

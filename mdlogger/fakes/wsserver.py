@@ -15,6 +15,10 @@ Standard library only, nothing exchange-specific. Design:
   are serialized by a per-connection lock and written with one ``sendall``;
   :func:`encode_frame` lets a fake pre-encode thousands of frames into one
   blob for firehose rates. Server frames are never masked.
+* Hostile servers exist (a broken exchange, a man in the middle): :func:`raw_frame` builds any
+  frame header, valid or not (RSV bits, masks, a length that is not the payload's, fragments),
+  and :meth:`WsConn.hijack` takes a connection away from the fake so a test can write raw bytes
+  on it (:meth:`WsConn.send_raw`) or drip them (:meth:`WsConn.drip`) with nothing else interleaved.
 * ``WsConn.recv`` unmasks client frames (unmasked client frames are a
   protocol error, 1002), joins fragmented messages, answers pings with pongs
   (unless the server is ``silent()``), answers a close with a close, and
@@ -28,13 +32,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import http
-import select
 import socket
 import struct
 import threading
 import time
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
+
+from ..polling import readable
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -59,6 +64,27 @@ def frame_header(opcode: int, length: int) -> bytes:
 def encode_frame(opcode: int, payload: bytes) -> bytes:
     """One final, unmasked server frame (7-, 16- or 64-bit length)."""
     return frame_header(opcode, len(payload)) + payload
+
+
+def raw_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0, mask: bytes | None = None,
+              length: int | None = None, length_bits: int | None = None) -> bytes:
+    """Any frame, RFC 6455 or not: ``rsv`` (0-7) goes in the RSV bits, ``mask`` (4 bytes) masks the
+    payload and sets the MASK bit, ``length`` announces a length other than the payload's (a header
+    promising more than follows), ``length_bits`` (7, 16 or 64) forces the length encoding."""
+    n = len(payload) if length is None else length
+    if length_bits is None:
+        length_bits = 7 if n < 126 else 16 if n < 1 << 16 else 64
+    b1 = (0x80 if fin else 0) | (rsv & 7) << 4 | opcode & 0x0F
+    m = 0x80 if mask is not None else 0
+    if length_bits == 7:
+        head = _H2.pack(b1, m | n)
+    elif length_bits == 16:
+        head = _H4.pack(b1, m | 126, n)
+    else:
+        head = _H10.pack(b1, m | 127, n)
+    if mask is not None:
+        return head + mask + unmask(payload, mask)
+    return head + payload
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -104,6 +130,7 @@ class WsConn:
         self.opened = time.monotonic()
         self.lock = threading.Lock()
         self.closed = False
+        self.hijacked = False  # see hijack()
         self.close_code: int | None = None  # the code of the close frame we sent, if any
         self.received: list[tuple[float, int, bytes]] = []
         self.state: dict = {}
@@ -140,11 +167,46 @@ class WsConn:
         """Send a close frame (if still possible), then drop the TCP connection."""
         if self.close_code is None:
             self.close_code = code
-        try:
-            self.send_frames(encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123]))
-        except ConnectionClosed:
-            pass
+        frame = encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+        with self.lock:
+            was_closed, self.closed = self.closed, True  # closed before the frame leaves: whoever reads it
+            if not was_closed:                           # finds the connection gone from open_connections()
+                try:
+                    self.sock.sendall(frame)
+                except OSError:
+                    pass
         self.abort()
+
+    def hijack(self) -> "WsConn":
+        """Take this connection away from the fake: from now on it counts as closed for the fake's
+        own sends (trades, pongs, keepalives), and only :meth:`send_raw` / :meth:`drip` write on it.
+        Client frames are still read (a close from the client ends it). Returns self."""
+        with self.lock:
+            self.closed = True
+            self.hijacked = True
+        return self
+
+    def send_raw(self, data: bytes) -> None:
+        """Write bytes as they are on a hijacked connection; ConnectionClosed once the socket is gone."""
+        with self.lock:
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                raise ConnectionClosed() from exc
+
+    def drip(self, data: bytes, interval: float, stop: threading.Event | None = None) -> int:
+        """Write ``data`` one byte every ``interval`` seconds on a hijacked connection, until all is
+        sent, the socket is gone or ``stop`` is set; returns the bytes sent. Blocks: run it in a thread."""
+        stop = stop or threading.Event()
+        for i in range(len(data)):
+            if stop.is_set():
+                return i
+            try:
+                self.send_raw(data[i:i + 1])
+            except ConnectionClosed:
+                return i
+            stop.wait(interval)
+        return len(data)
 
     def half_close(self) -> None:
         """End the connection without a close frame: no more sends; everything already
@@ -174,10 +236,9 @@ class WsConn:
     def _read(self, n: int, timeout: float | None) -> bytes:
         while len(self._buf) < n:
             if timeout is not None:
-                try:
-                    ready, _, _ = select.select([self.sock], [], [], timeout)
-                except (OSError, ValueError) as exc:  # closed socket: fileno -1
-                    raise ConnectionClosed() from exc
+                if self.sock.fileno() < 0:  # closed socket
+                    raise ConnectionClosed()
+                ready = readable([self.sock], timeout)
                 if not ready:
                     raise TimeoutError()
             try:
@@ -214,6 +275,11 @@ class WsConn:
         payload = unmask(self._read(n, None), mask) if n else b""
         self.received.append((time.monotonic(), opcode, payload))
         return fin, opcode, payload
+
+    def read_frame(self, timeout: float | None = None) -> tuple[bool, int, bytes]:
+        """The next client frame as it came, ``(fin, opcode, unmasked payload)``: nothing answered or
+        joined (for tests that check every frame a client sent, pongs and closes included)."""
+        return self._read_frame(timeout)
 
     def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
         """The next client message or control frame ``(opcode, payload)``.
