@@ -11,7 +11,7 @@ Measured in one run, on the same machine, against the same fake firehose:
    counted from the files;
 3. the service with two shards (the writer shares the two cores);
 4. the service at a steady realistic rate, with default settings (the
-   flush interval is the service's default, 0.05 s, unless ``--flush`` is
+   flush interval is the service's default, 0.02 s, unless ``--flush`` is
    given): receive-to-file latency p50/p99 (the time a row appears in its
    file minus the trade time the fake stamped), and the whole process tree's
    PSS memory and CPU.

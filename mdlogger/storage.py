@@ -372,14 +372,12 @@ def _write_all(fd: int, data) -> int:
     """Write all of ``data`` (any bytes-like object); returns its length in bytes."""
     view = memoryview(data).cast("B")  # lengths in bytes, whatever the exporter's item size
     size = len(view)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except InterruptedError:
-            continue
+    n = os.write(fd, view)  # (nearly always all of it, in one call; os.write retries EINTR itself)
+    while n < len(view):
         if n == 0:
             raise OSError(errno.ENOSPC, "short write")
         view = view[n:]
+        n = os.write(fd, view)
     return size
 
 

@@ -344,9 +344,11 @@ class Worker:
         """The hot loop: one iteration per message, everything else once per tick.
 
         ``link.reader.messages`` yields each complete text message, or None
-        when a recv timed out (the socket timeout is the tick, or the batch
-        delay while a partial batch waits) or a frame is still arriving: the
-        timing below runs then too. Pings, fragments, binary messages and bad
+        when no message is at hand: before each recv (the partial batch is
+        sealed then, so a batch never waits for the network), when a recv
+        timed out (the socket timeout is the tick) or a frame is still
+        arriving: the timing below runs then too. Within a long burst a batch
+        is sealed when full or ``batch_max_delay_ms`` after its first record. Pings, fragments, binary messages and bad
         frames are the reader's (mdlogger/wsframes.py). A message is handled
         inline: the steps of frames.deliver (on_message, Refused counted on
         the sink, any other exception but frames.PASS_THROUGH counted as
@@ -362,7 +364,6 @@ class Worker:
         silence = self.xsettings.silence_timeout_secs
         max_age = self.adapter.max_connection_age
         healthy = self.settings.logger.healthy_run_secs
-        batch_delay = self.batch_delay
         on_message = session.on_message
         monotonic, time_ns = time.monotonic, time.time_ns
         inf = math.inf
@@ -370,8 +371,7 @@ class Worker:
         next_sample = 0.0
         next_tick = self._next_tick
         last_frame = monotonic()
-        timeout = TICK_SECS
-        reader.settimeout(timeout)
+        reader.settimeout(TICK_SECS)  # (never changed: a partial batch is sealed before every recv)
         backoff_reset = False
         count = 0
         try:
@@ -399,6 +399,11 @@ class Worker:
                     except Exception as exc:  # noqa: BLE001 - a frame never ends a worker (frames.deliver)
                         sink.refuse(PARSER_ERROR, failure_sample(exc, data))
                 else:
+                    # None: no message at hand (the reader is about to recv, or a recv timed out).
+                    # A partial batch goes now: a message that came alone reaches the writer at
+                    # once, and no timer wakes the worker again for it.
+                    if sender.seal_at != inf:
+                        sender.seal()
                     if self.stop_requested:
                         return
                     if reader.frame_at > last_frame:
@@ -410,14 +415,7 @@ class Worker:
                         limiter.wait()
                         link.ws.send(ping)
                 if now >= sender.seal_at:
-                    sender.seal()
-                # A partial batch waits: block no longer than its delay; once it is sealed, back to
-                # the tick at once (a worker that stayed on the batch delay until its next tick woke
-                # every 5 ms after each message: most of its CPU at real rates).
-                want = TICK_SECS if sender.seal_at == inf else batch_delay
-                if want != timeout:
-                    timeout = want
-                    reader.settimeout(timeout)
+                    sender.seal()  # (a long burst: a batch is not held past its delay meanwhile)
                 if now >= next_tick:
                     self.messages += count
                     count = 0

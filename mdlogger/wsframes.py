@@ -5,7 +5,7 @@ messages, pongs, close frames: ``ws.send``, ``ws.pong``, ``ws.send_close``).
 Once the handshake is done, :class:`WsReader` owns the socket's receive
 side::
 
-    socket (plain or TLS) --recv(CHUNK = 256 KiB)--> buf: one bytes object, read from pos
+    socket (plain or TLS) --recv_into(CHUNK = 256 KiB)--> buf: one bytes object, read from pos
                                                       |
         hot path: FIN text frame, unmasked, 7/16-bit length, whole in buf
             --> yield buf[start:stop] ------------------------------> Worker._receive / frames.read_one
@@ -21,7 +21,9 @@ side::
 
 :attr:`WsReader.messages` is a generator: each ``next()`` gives the next
 complete text message (``bytes``) or ``None`` (nothing complete this time:
-a socket timeout, a frame still arriving, a control frame handled). Its
+the buffer is used up and a recv comes next, a socket timeout, a frame still
+arriving, a control frame handled). The ``None`` before each recv is what
+lets the worker seal its batch exactly when no more messages are at hand. Its
 state (buffer, position, fragments) lives in the generator's locals, so the
 common frame costs a few index operations, one slice and one ``yield``:
 no object per frame, no method call, no attribute access.
@@ -148,7 +150,12 @@ class WsReader:
 
     # -- the frames ---------------------------------------------------------------
     def _messages(self):
-        recv = self.ws.sock.recv
+        # recv_into one buffer kept for the connection, then a copy of what came: a plain recv(CHUNK)
+        # makes the allocator map, shrink and unmap 256 KiB for every message (three system calls
+        # more than the recv itself, at real rates where messages come one at a time).
+        recv_into = self.ws.sock.recv_into
+        landing = bytearray(CHUNK)
+        landed = memoryview(landing)
         limit = self.max_bytes
         monotonic = time.monotonic
         buf = b""
@@ -258,7 +265,10 @@ class WsReader:
                                 self.on_binary(message)
                     continue
 
-            # More bytes are needed: keep what is left of buf and recv until there are `want` of them.
+            # More bytes are needed. Say so once before blocking (None: the worker seals its batch now,
+            # so a message that came alone is written at once, with no timer and no second wake-up),
+            # then keep what is left of buf and recv until there are `want` of them.
+            yield None
             now = monotonic()
             if pos < end:
                 if pos or frame_since is None:
@@ -276,7 +286,8 @@ class WsReader:
                     raise self._fault(FrameStalled, "frame incomplete after %g s" % self.deadline,
                                       b"".join(rest)[:64])
                 try:
-                    chunk = recv(CHUNK)
+                    got = recv_into(landing)
+                    chunk = landed[:got].tobytes() if got else b""
                 except _TIMEOUTS:
                     chunk = None
                 if chunk:

@@ -69,10 +69,16 @@ class CutSocket:
         self.cuts = list(cuts) or [1 << 20]
         self.i = 0
 
-    def recv(self, n):
+    def _cut(self, n: int) -> int:
         cut = self.cuts[self.i % len(self.cuts)]
         self.i += 1
-        return self.sock.recv(min(n, cut))
+        return min(n, cut)
+
+    def recv(self, n):  # (websocket-client's reads)
+        return self.sock.recv(self._cut(n))
+
+    def recv_into(self, buffer, nbytes: int = 0):  # (our reader's)
+        return self.sock.recv_into(buffer, self._cut(nbytes or len(buffer)))
 
     def __getattr__(self, name):
         return getattr(self.sock, name)
