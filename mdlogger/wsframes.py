@@ -325,11 +325,11 @@ class WsReader:
 
     def _fault(self, cls, reason: str, sample: bytes) -> ConnectionLost:
         """Close the connection for a bad frame: count it, send the close, return the exception to raise."""
-        exc = cls(reason)
+        exc = self._end(cls(reason))  # (the reader's state first: whoever sees the count or the close sees it ended)
         if self.on_fault is not None:
             self.on_fault(cls.kind, bytes(sample))
         self._send_close(cls.code, reason)
-        return self._end(exc)
+        return exc
 
     def _peer_close(self, payload: bytes):
         """The exchange's close frame: echo its code (RFC 6455 5.5.1) and end."""
@@ -339,10 +339,9 @@ class WsReader:
             code = int.from_bytes(payload[:2], "big")
             if not valid_close_code(code):
                 raise self._fault(ProtocolError, "close frame with code %d" % code, payload[:64])
-            self._send_close(code)
-        else:
-            self._send_close(CLOSE_NORMAL)
-        raise self._end(ConnectionLost("closed by the exchange: %s" % close_reason(payload)))
+        exc = self._end(ConnectionLost("closed by the exchange: %s" % close_reason(payload)))
+        self._send_close(code if payload else CLOSE_NORMAL)
+        raise exc
 
     def close(self, code: int = CLOSE_NORMAL, timeout: float = CLOSE_WAIT_SECS) -> None:
         """Start the close handshake and wait at most ``timeout`` for the exchange's close frame

@@ -654,7 +654,8 @@ def test_a_worker_closes_an_oversized_frame_from_its_header_counts_it_and_goes_o
         assert closes(conn) == [1009]
         assert run.stats.get("drop_oversized") == 1 and run.stats.get("parse_errors") == 1
         first = run.worker.links[0].reader
-        assert isinstance(first.ended, FrameTooLarge) and first.peak < 64 << 10  # never took the payload
+        assert isinstance(first.ended, FrameTooLarge) and first.peak < 64 << 10, (  # never took the payload
+            [(type(link.reader.ended).__name__, str(link.reader.ended), link.reader.peak) for link in run.worker.links])
         new = wait_for(lambda: subscribed_conn(fake) not in (None, conn) and subscribed_conn(fake),
                        what="a new subscribed connection")
         assert new is not conn
