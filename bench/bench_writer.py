@@ -132,7 +132,7 @@ def make_writer(data_path: str, clock, table_cache: int | None = None):
 def raise_limit() -> int:
     """What the writer process does at its start, where the writer has it: raise RLIMIT_NOFILE."""
     try:
-        from mdlogger.writer import raise_nofile_limit
+        from mdlogger.tables import raise_nofile_limit
     except ImportError:
         import resource
 

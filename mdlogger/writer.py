@@ -38,18 +38,7 @@ concatenated, sliced into columns at flush (no tuple per row, no ``struct.pack``
 per column): the files are byte for byte what the per-row path writes
 (tests/test_writer.py replays a recorded stream through both).
 
-**Open files.** At start the writer raises its ``RLIMIT_NOFILE`` soft limit to
-the hard limit (the systemd unit sets ``LimitNOFILE=``) and keeps up to
-``(limit - reserve) // 8`` tables open (8 columns at most), least recently used
-first out. A table pushed out is closed without an fsync: its rows are in the
-OS already, and it is remembered, to be fsynced at the next interval (by its
-descriptors if it is open again by then, else by opening each column once for
-the fsync). So an fsync costs one call per written file per interval, however
-often the file was closed in between, and eviction costs a close; the
-promise of ``fsync_interval_secs`` holds for every table. Keeping evicted
-descriptors open until the interval would hold on to exactly the descriptors
-eviction must free. Evictions, reopenings, opens and fsyncs are counted
-(``/health``, ``/metrics``).
+**Open files**: mdlogger/tables.py (a cache sized from the descriptor limit; no fsync on eviction).
 
 On start-up it repairs torn tables of the last days (a previous writer or the
 whole tree may have been killed mid-flush). On ``drain`` (the supervisor has
@@ -59,20 +48,17 @@ dry, gives open gaps a moment to be filled, flushes, fsyncs and exits 0.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
 import os
 import queue
-import resource
 import select
 import selectors
 import signal
 import socket
 import struct
 import time
-from collections import OrderedDict
 
 from setproctitle import setproctitle
 
@@ -87,16 +73,12 @@ from .logs import configure_child
 from .polling import readable
 from .settings import Settings
 from .stats import Block, gap_field, writer_fields
-from .storage import (TableFiles, TableKey, expired_days, last_trades, record_columns, repair_all, set_file_mode,
-                      sync_closed_table)
+from .storage import TableKey, expired_days, last_trades, record_columns, repair_all, set_file_mode
+from .tables import TableCache, raise_nofile_limit, table_cache_size
 from .transport import FrameReader
 
 log = logging.getLogger("mdlogger.writer")
 
-MIN_OPEN_TABLES = 32
-FD_RESERVE = 512  # descriptors left for slot pipes, sockets, REST connections, the ledger, logs
-COLUMNS_PER_TABLE = max(len(c) for c in rec.COLUMNS.values())
-NOFILE_CEILING = 1 << 20  # when the hard limit is unlimited
 FEED_INTERVAL_SECS = 1.0  # the "written" feed: at most one round of datagrams a second
 FEED_MAX_BYTES = 60 * 1024  # largest datagram
 MARK_TAIL_ROWS = 256  # rows read from the end of a day's trades to recover the mark
@@ -127,48 +109,10 @@ def writer_main(settings: Settings, control: socket.socket, stats_array, log_con
     stats.set("heartbeat", time.monotonic())
     limit = raise_nofile_limit()
     writer = Writer(settings, stats, max_open_tables=table_cache_size(limit), feed=feed)
-    log.info("descriptor limit %d: up to %d tables open", limit, writer.max_open_tables)
+    log.info("descriptor limit %d: up to %d tables open", limit, writer.tables.max_open)
     writer.repair()
     writer.serve(control)
     os._exit(EXIT_OK)
-
-
-def raise_nofile_limit() -> int:
-    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; returns the soft limit in force.
-
-    An unlimited hard limit is taken as the kernel's ``fs.nr_open`` (or 2**20).
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:
-        try:
-            with open("/proc/sys/fs/nr_open") as fh:
-                target = int(fh.read())
-        except (OSError, ValueError):
-            target = NOFILE_CEILING
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
-    return NOFILE_CEILING if soft == resource.RLIM_INFINITY else soft
-
-
-def table_cache_size(limit: int | None = None) -> int:
-    """How many tables the writer keeps open under a descriptor limit (default: the current soft limit).
-
-    Each table holds up to ``COLUMNS_PER_TABLE`` descriptors; ``FD_RESERVE``
-    (a quarter of a small limit) stays free for everything else. Never fewer
-    than ``MIN_OPEN_TABLES``: under a limit that small the writer still runs,
-    and should an open fail with EMFILE it shrinks the cache (``Writer._open``).
-    """
-    if limit is None:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if limit == resource.RLIM_INFINITY:
-            limit = NOFILE_CEILING
-    reserve = min(FD_RESERVE, limit // 4)
-    return max(MIN_OPEN_TABLES, (limit - reserve) // COLUMNS_PER_TABLE)
 
 
 class Writer:
@@ -182,12 +126,7 @@ class Writer:
         self.pending: dict[TableKey, bytearray] = {}  # wire records of each table-day, concatenated
         self.pending_total = 0
         self.max_pending = max(settings.logger.worker_buffer_bytes, 4 * self.buffer_size)
-        self.files: OrderedDict[TableKey, TableFiles] = OrderedDict()
-        self.max_open_tables = max_open_tables or table_cache_size()
-        stats.set("table_cache", self.max_open_tables)
-        self.to_sync: set[TableKey] = set()  # closed with rows written since their last fsync
-        self.evicted: set[TableKey] = set()  # pushed out of the cache, not opened again yet
-        self._emfile_logged = False
+        self.tables = TableCache(self.data_path, stats, max_open_tables)
         self._keys: dict[tuple, TableKey] = {}  # (exchange, symbol field, kind, day number) -> key
         self._symbols: dict[bytes, bytes] = {}  # valid symbol fields -> symbol
         self.unsealed: set[TableKey] = set()  # tables whose day is known not to be sealed
@@ -324,7 +263,7 @@ class Writer:
                 engine.expire()
             self.flush_all()  # (publishes the gap counters)
             self.stats.set("pending_rows", self.pending_rows())
-            self.stats.set("open_tables", len(self.files))
+            self.stats.set("open_tables", len(self.tables))
         if now - self.last_fsync >= self.settings.logger.fsync_interval_secs:
             self.fsync_all()
         if now - self.last_seal_check >= SEAL_CHECK_SECS:
@@ -641,7 +580,7 @@ class Writer:
                 continue  # a gap of that day is still being filled
             for key in [k for k in self.pending if k.exchange == exchange and k.day == day]:
                 self.flush_table(key)
-            self._sync(lambda k: k.exchange == exchange and k.day == day, close=True)
+            self.tables.sync(lambda k: k.exchange == exchange and k.day == day, self._io_error, close=True)
             try:
                 self.ledger.sync()
                 path = seal.seal_day(self.data_path, exchange, day)
@@ -657,59 +596,13 @@ class Writer:
         return done
 
     # -- files --------------------------------------------------------------
-    def _table(self, key: TableKey) -> TableFiles:
-        files = self.files.get(key)
-        if files is not None:
-            self.files.move_to_end(key)
-            return files
-        while len(self.files) >= self.max_open_tables:
-            self._evict()
-        return self._open(key)
-
-    def _open(self, key: TableKey) -> TableFiles:
-        try:
-            files = TableFiles(self.data_path, key)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.files:
-                raise
-            # Out of descriptors all the same (a limit lowered under us, a descriptor leak elsewhere):
-            # a smaller cache beats a writer stuck on EMFILE.
-            self.max_open_tables = max(1, len(self.files) * 3 // 4)
-            self.stats.set("table_cache", self.max_open_tables)
-            if not self._emfile_logged:
-                self._emfile_logged = True
-                log.warning("out of file descriptors with %d tables open (%s): keeping at most %d",
-                            len(self.files), exc, self.max_open_tables)
-            while len(self.files) >= self.max_open_tables:
-                self._evict()
-            files = TableFiles(self.data_path, key)
-        self.stats.add("table_opens")
-        if key in self.evicted:
-            self.evicted.discard(key)
-            self.stats.add("reopened_tables")
-        self.files[key] = files
-        return files
-
-    def _evict(self) -> None:
-        """Close the least recently used table (no fsync: see the module docstring, "Open files")."""
-        key, files = self.files.popitem(last=False)
-        self._release(key, files)
-        self.evicted.add(key)
-        self.stats.add("evictions")
-
-    def _release(self, key: TableKey, files: TableFiles) -> None:
-        """Close a table; if rows were written since its last fsync, it is fsynced at the next interval."""
-        if files.dirty:
-            self.to_sync.add(key)
-        files.close()
-
     def flush_table(self, key: TableKey) -> bool:
         records = self.pending.get(key)
         if not records:
             return True
         rows = len(records) // rec.WIRE[key.kind].size
         try:
-            files = self._table(key)
+            files = self.tables.get(key)
             written = files.append(record_columns(key.kind, records), rows)
         except OSError as exc:
             self._io_error(key, exc)
@@ -732,9 +625,7 @@ class Writer:
                 "cannot write %s/%s/%s %s: %s (rows kept in memory and retried; %d bytes pending)",
                 key.exchange, key.symbol, key.table, key.day, exc, self.pending_total,
             )
-        files = self.files.pop(key, None)
-        if files is not None:
-            self._release(key, files)
+        self.tables.drop(key)
 
     def flush_all(self) -> None:
         started = time.monotonic()
@@ -756,11 +647,8 @@ class Writer:
             return
         self._days_checked = (today, now)
         keep = {rec.day_string((today + d) * 86400) for d in (-1, 0, 1)}
-        for key in [k for k in self.files if k.day not in keep and k not in self.pending]:
-            self._release(key, self.files.pop(key))
-        if any(k.day not in keep for k in self.evicted):
-            self.evicted = {k for k in self.evicted if k.day in keep}
-        if len(self.unsealed) > 4 * len(self.files) + 1024:
+        self.tables.close_days_but(keep, self.pending)
+        if len(self.unsealed) > 4 * len(self.tables) + 1024:
             self.unsealed = {k for k in self.unsealed if k.day in keep}
 
     def _settle_gaps(self) -> None:
@@ -776,38 +664,12 @@ class Writer:
 
     def fsync_all(self) -> None:
         """fsync every table written since its last fsync, open or closed since, and the gap ledger."""
-        self._sync(lambda key: True)
+        self.tables.sync(lambda key: True, self._io_error)
         try:
             self.ledger.sync()
         except OSError as exc:
             log.error("gap ledger: fsync failed: %s", exc)
         self.last_fsync = time.monotonic()
-
-    def _sync(self, which, close: bool = False) -> None:
-        """fsync the tables ``which(key)`` selects: open ones through their descriptors (closed after
-        if ``close``), closed ones remembered in ``to_sync`` by opening their columns once."""
-        done = 0
-        for key, files in list(self.files.items()):
-            if not which(key):
-                continue
-            try:
-                done += files.fsync(force=key in self.to_sync)
-                self.to_sync.discard(key)
-            except OSError as exc:
-                self.to_sync.discard(key)  # (an fsync error is reported once: asking again proves nothing)
-                self._io_error(key, exc)
-                continue
-            if close:
-                del self.files[key]
-                files.close()
-        for key in [k for k in self.to_sync if which(k)]:
-            self.to_sync.discard(key)
-            try:
-                done += sync_closed_table(self.data_path, key)
-            except OSError as exc:
-                self.stats.add("io_errors")
-                log.error("cannot fsync %s/%s/%s %s: %s", key.exchange, key.symbol, key.table, key.day, exc)
-        self.stats.add("fsyncs", done)
 
     def drain_and_close(self) -> None:
         """Read every pipe dry, settle open gaps, write everything, fsync, close."""
@@ -827,9 +689,7 @@ class Writer:
         if self.pending_total:
             self.stats.add("dropped_records", self.pending_rows())
             log.error("exiting with %d rows that could not be written", self.pending_rows())
-        for files in self.files.values():
-            files.close()
-        self.files.clear()
+        self.tables.close_all()
         log.info(
             "writer done: %d rows written, %d I/O errors",
             int(self.stats.get("rows")),

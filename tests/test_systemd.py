@@ -53,7 +53,7 @@ def test_unit_shape():
 def test_unit_lets_the_writer_keep_every_table_of_every_symbol_open():
     """8,000 tables (every symbol of all five exchanges), twice over (yesterday's and today's), fit the
     table cache the writer sizes from the limit the unit sets."""
-    from mdlogger.writer import table_cache_size
+    from mdlogger.tables import table_cache_size
 
     limit = int(re.search(r"^LimitNOFILE=(\d+)$", open(UNIT).read(), re.M).group(1))
     assert table_cache_size(limit) >= 2 * 8000

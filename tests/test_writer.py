@@ -13,14 +13,16 @@ import struct
 import pytest
 
 from mdlogger import records as rec
+from mdlogger import tables as tables_module
 from mdlogger import writer as writer_module
 from mdlogger.gaps import GapEngine
 from mdlogger.reader import read_rows
 from mdlogger.settings import load_settings
 from mdlogger.stats import Block, writer_fields
 from mdlogger.storage import TableKey, column_path, iter_tables
+from mdlogger.tables import MIN_OPEN_TABLES, table_cache_size
 from mdlogger.transport import encode_frame
-from mdlogger.writer import MIN_OPEN_TABLES, Writer, table_cache_size
+from mdlogger.writer import Writer
 
 DAY = 1795478400  # 2026-11-24T00:00:00Z
 
@@ -426,9 +428,9 @@ def test_an_evicted_table_is_closed_without_fsync_and_fsynced_at_the_interval(tm
     for sym in (b"BTC-USD", b"ETH-USD", b"SOL-USD"):  # three tables through a cache of two
         feed(w, rec.KIND_TRADES, [trade(sym, 1, DAY + 10)])
         w.flush_all()
-    assert fsyncs == [] and w.stats.get("evictions") == 1 and len(w.files) == 2
+    assert fsyncs == [] and w.stats.get("evictions") == 1 and len(w.tables.files) == 2
     evicted = TableKey("coinbase", "BTC-USD", rec.KIND_TRADES, "24.11.26")
-    assert evicted not in w.files and w.to_sync == {evicted}
+    assert evicted not in w.tables.files and w.tables.to_sync == {evicted}
     feed(w, rec.KIND_TRADES, [trade(b"BTC-USD", 2, DAY + 11)])  # opened again: another one goes
     w.flush_all()
     assert w.stats.get("reopened_tables") == 1 and w.stats.get("evictions") == 2 and w.stats.get("table_opens") == 4
@@ -437,7 +439,7 @@ def test_an_evicted_table_is_closed_without_fsync_and_fsynced_at_the_interval(tm
     # every column of all three tables once: two open ones by their descriptors (BTC-USD's rows
     # before its eviction included), the closed one by opening its columns
     assert len(fsyncs) == 3 * 8 == w.stats.get("fsyncs")
-    assert w.to_sync == set()
+    assert w.tables.to_sync == set()
     w.fsync_all()
     assert len(fsyncs) == 24  # nothing written since: nothing to fsync
     assert ids(tmp_path) == [1, 2]
@@ -455,7 +457,7 @@ def test_a_seal_fsyncs_the_days_closed_tables_too(tmp_path, monkeypatch):
     fsyncs = count_fsyncs(monkeypatch)
     now[0] = DAY + 86400 + 600
     assert w.seal_due() == [("coinbase", "24.11.26")]
-    assert len(fsyncs) >= 16 and w.to_sync == set() and w.files == {}
+    assert len(fsyncs) >= 16 and w.tables.to_sync == set() and w.tables.files == {}
 
 
 def test_the_table_cache_follows_the_descriptor_limit():
@@ -470,7 +472,7 @@ def test_the_writer_raises_its_descriptor_limit_to_the_hard_limit():
     import sys
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    code = ("import resource; from mdlogger.writer import raise_nofile_limit; "
+    code = ("import resource; from mdlogger.tables import raise_nofile_limit; "
             "print(raise_nofile_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))).stdout.split()
@@ -485,7 +487,7 @@ def test_out_of_descriptors_shrinks_the_cache_instead_of_failing(tmp_path, monke
     for n, sym in enumerate((b"A-USD", b"B-USD", b"C-USD", b"D-USD")):
         feed(w, rec.KIND_TRADES, [trade(sym, 1, DAY + 10)])
         w.flush_all()
-    real = writer_module.TableFiles
+    real = tables_module.TableFiles
     fail = [True]
 
     def table_files(*a):
@@ -494,10 +496,10 @@ def test_out_of_descriptors_shrinks_the_cache_instead_of_failing(tmp_path, monke
             raise OSError(errno.EMFILE, "Too many open files")
         return real(*a)
 
-    monkeypatch.setattr(writer_module, "TableFiles", table_files)
+    monkeypatch.setattr(tables_module, "TableFiles", table_files)
     feed(w, rec.KIND_TRADES, [trade(b"E-USD", 1, DAY + 10)])
     w.flush_all()
-    assert w.max_open_tables == 3 and len(w.files) == 3 and w.stats.get("table_cache") == 3
+    assert w.tables.max_open == 3 and len(w.tables.files) == 3 and w.stats.get("table_cache") == 3
     assert w.pending == {} and ids(tmp_path, "E-USD") == [1]
 
 
@@ -617,7 +619,7 @@ def test_open_table_counters_on_health_and_metrics(tmp_path):
         feed(w, rec.KIND_TRADES, [trade(sym, tid, DAY + 10)])
         w.flush_all()
     w.fsync_all()
-    w.stats.set("open_tables", len(w.files))
+    w.stats.set("open_tables", len(w.tables.files))
     view = ServiceView(started=time.time(), pid=1, stall_timeout_secs=10.0, slots=(),
                        writer=WriterView("running", 0, "", 0, w.stats), exchanges=())
     _code, doc = health_document(view, time.time())
