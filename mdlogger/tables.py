@@ -11,7 +11,9 @@ fsync costs one call per written file per interval, however often the file
 was closed in between, and eviction costs a close; the promise of
 ``fsync_interval_secs`` holds for every table. Keeping evicted descriptors
 open until the interval would hold on to exactly the descriptors eviction
-must free. Should an open fail with EMFILE all the same, the cache shrinks
+must free. (The writer spreads the interval's fsync over a second: it asks
+:meth:`TableCache.dirty` for the tables due and hands them to
+:meth:`TableCache.sync_keys` a share at a time.) Should an open fail with EMFILE all the same, the cache shrinks
 instead of failing. Evictions, reopenings, opens and fsyncs are counted in
 the writer's stats (``/health``, ``/metrics``).
 """
@@ -176,6 +178,31 @@ class TableCache:
             except OSError as exc:
                 self.stats.add("io_errors")
                 log.error("cannot fsync %s/%s/%s %s: %s", key.exchange, key.symbol, key.table, key.day, exc)
+        self.stats.add("fsyncs", done)
+
+    def dirty(self) -> list[TableKey]:
+        """Every table with rows written since its last fsync: open ones, then closed ones."""
+        return [k for k, f in self.files.items() if f.dirty or k in self.to_sync] + [
+            k for k in self.to_sync if k not in self.files]
+
+    def sync_keys(self, keys, on_error: Callable[[TableKey, OSError], None]) -> None:
+        """fsync the given tables if they still need it (open: by their descriptors; closed: by
+        opening their columns once); one that needs nothing any more (fsynced or sealed since) is skipped."""
+        done = 0
+        for key in keys:
+            files = self.files.get(key)
+            try:
+                if files is not None:
+                    done += files.fsync(force=key in self.to_sync)
+                elif key in self.to_sync:
+                    done += sync_closed_table(self.data_path, key)
+            except OSError as exc:
+                if files is not None:
+                    on_error(key, exc)
+                else:
+                    self.stats.add("io_errors")
+                    log.error("cannot fsync %s/%s/%s %s: %s", key.exchange, key.symbol, key.table, key.day, exc)
+            self.to_sync.discard(key)  # (an fsync error is reported once: asking again proves nothing)
         self.stats.add("fsyncs", done)
 
     def close_all(self) -> None:

@@ -631,3 +631,28 @@ def test_open_table_counters_on_health_and_metrics(tmp_path):
     assert samples["mdlogger_writer_evictions_total"] == 2 and samples["mdlogger_writer_reopened_tables_total"] == 1
     assert samples["mdlogger_writer_fsyncs_total"] == 24 and samples["mdlogger_writer_table_opens_total"] == 4
     assert samples["mdlogger_writer_open_tables"] == 2 and samples["mdlogger_writer_table_cache"] == 2
+
+
+def test_the_interval_fsync_is_spread_over_wake_ups_and_misses_no_table(tmp_path, monkeypatch):
+    settings = load_settings(None, {}, {"logger.data_path": str(tmp_path), "exchanges.binance.enabled": True},
+                             check_resources=False)
+    w = Writer(settings, Block(writer_fields()), clock=lambda: DAY + 3600, max_open_tables=100)
+    symbols = [("S%d-USD" % i).encode() for i in range(150)]  # 150 tables through a cache of 100
+    for sym in symbols:
+        feed(w, rec.KIND_TRADES, [trade(sym, 1, DAY + 10)])
+    w.flush_all()
+    assert w.stats.get("evictions") == 50 and len(w.tables.to_sync) == 50
+    fsyncs = count_fsyncs(monkeypatch)
+    w.start_fsync_round(0.0)
+    assert len(w.fsync_due) == 150 and w.fsync_share == writer_module.FSYNC_MIN_SHARE
+    shares = []
+    while w.fsync_due:
+        before = len(fsyncs)
+        w.fsync_some()
+        shares.append(len(fsyncs) - before)
+    assert shares == [64 * 8, 64 * 8, 22 * 8]  # every column of every table once, in three wake-ups
+    assert w.tables.to_sync == set() and w.tables.dirty() == []
+    feed(w, rec.KIND_TRADES, [trade(symbols[0], 2, DAY + 11)])  # written after its fsync: due again
+    w.flush_all()
+    assert w.tables.dirty() == [TableKey("coinbase", "S0-USD", rec.KIND_TRADES, "24.11.26")]
+    assert w.stats.get("rows_trades") == 151
