@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import operator
-import select
 import socket
 import threading
 import time
@@ -34,6 +33,7 @@ from . import records as rec
 from .backoff import Backoff
 from .exchanges.registry import is_exchange
 from .logs import Throttle, escape
+from .polling import readable
 from .storage import KIND_BY_TABLE, TableKey, iter_tables, read_columns, whole_rows
 
 log = logging.getLogger("mdlogger.analytics")
@@ -439,11 +439,8 @@ class AnalyticsThread(threading.Thread):
         After a failed pass only a wake-up cuts the backoff short: the feed may stay readable."""
         if self.stop_event.is_set():
             return True
-        waiting = select.poll()
-        waiting.register(self._wake_r, select.POLLIN)
-        if self.feed is not None and not self.failing:
-            waiting.register(self.feed, select.POLLIN)
-        waiting.poll(max(0.0, delay) * 1000)
+        listen = [self._wake_r] if self.feed is None or self.failing else [self._wake_r, self.feed]
+        readable(listen, max(0.0, delay))
         try:
             while self._wake_r.recv(512):
                 pass

@@ -195,7 +195,6 @@ class Worker:
         self.backoff = Backoff(self.xsettings.reconnect_delay_secs, self.xsettings.max_reconnect_delay_secs)
         self.stop_requested = False
         self.parent = os.getppid()
-        self.batch_delay = settings.logger.batch_max_delay_ms / 1000.0
         # One bucket of connection attempts per exchange, shared by all its shards (every process).
         self.connects = SharedBucket(os.path.join(runtime_dir(settings.logger.data_path), "%s.connect" % spec.exchange),
                                      self.adapter.connect_rate, CONNECT_BURST)

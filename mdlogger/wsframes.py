@@ -97,8 +97,7 @@ class FrameFault(ConnectionLost):
 
 
 class ProtocolError(FrameFault):
-    kind = "protocol_error"
-    code = CLOSE_PROTOCOL
+    """A frame that breaks RFC 6455 (the base's kind and close code, 1002)."""
 
 
 class FrameTooLarge(FrameFault):
