@@ -58,6 +58,7 @@ decrypted inside an ``SSLSocket`` is never missed.
 
 from __future__ import annotations
 
+import mmap
 import ssl
 import struct
 import time
@@ -151,9 +152,12 @@ class WsReader:
     def _messages(self):
         # recv_into one buffer kept for the connection, then a copy of what came: a plain recv(CHUNK)
         # makes the allocator map, shrink and unmap 256 KiB for every message (three system calls
-        # more than the recv itself, at real rates where messages come one at a time).
+        # more than the recv itself, at real rates where messages come one at a time). The buffer is
+        # an anonymous mapping, not a bytearray (which zero-fills, so owns, all 256 KiB at once): a
+        # page is only backed once a recv reaches it, so a quiet connection holds a page or two and
+        # only a burst's recv makes the whole buffer resident.
         recv_into = self.ws.sock.recv_into
-        landing = bytearray(CHUNK)
+        landing = mmap.mmap(-1, CHUNK)
         landed = memoryview(landing)
         limit = self.max_bytes
         monotonic = time.monotonic

@@ -416,6 +416,31 @@ def test_an_oversized_frame_followed_by_its_payload_is_refused_holding_at_most_a
         t.join()
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_quiet_connection_holds_a_page_of_its_receive_buffer_not_all_of_it():
+    # 40 connections that each got one small message: with a zero-filled buffer each would own all of its
+    # CHUNK (40 x 256 KiB = 10 MiB); the mapping is backed only where a recv wrote.
+    pairs = [tcp_pair() for _ in range(40)]
+    try:
+        before = resident_bytes()
+        readers = []
+        for client, server in pairs:
+            server.sendall(raw_frame(OP_TEXT, b'{"n":1}'))
+            reader = WsReader(client_ws(client), LIMIT)
+            assert next(m for m in reader.messages if m is not None) == b'{"n":1}'
+            readers.append(reader)
+        grown = resident_bytes() - before
+        assert grown < len(pairs) * CHUNK // 4, "%d KiB for %d quiet connections" % (grown >> 10, len(pairs))
+    finally:
+        for client, server in pairs:
+            client.close()
+            server.close()
+
+
 def test_a_frame_exactly_at_the_limit_passes_and_one_byte_more_does_not():
     client, server = tcp_pair()
     try:
