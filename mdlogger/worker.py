@@ -71,7 +71,7 @@ MAX_ERROR_KINDS = 20  # kinds of exchange error logged apart per REFUSAL_LOG_SEC
 _DIGITS = re.compile(r"[0-9]+")
 CONNECT_BURST = 3.0  # connection attempts an exchange's shards may make at once from a full bucket
 RECONNECT_JITTER_SECS = 0.25  # after a connection that delivered data, the next attempt waits at most this
-CLOCK_SAMPLE_SECS = 0.01  # at most one clock-offset sample per this many seconds
+CLOCK_SAMPLE_SECS = 0.1  # at most one clock-offset sample per this many seconds (600 in the minute's window)
 CLOCK_PUBLISH_SECS = 1.0
 
 
@@ -346,7 +346,9 @@ class Worker:
         when no message is at hand: before each recv (the partial batch is
         sealed then, so a batch never waits for the network), when a recv
         timed out (the socket timeout is the tick) or a frame is still
-        arriving: the timing below runs then too. Within a long burst a batch
+        arriving. Silence, keepalives and the rest of the timing run at the
+        tick, so a wake-up that brings a message or two costs no more than
+        handling them, sealing and one write. Within a long burst a batch
         is sealed when full or ``batch_max_delay_ms`` after its first record. Pings, fragments, binary messages and bad
         frames are the reader's (mdlogger/wsframes.py). A message is handled
         inline: the steps of frames.deliver (on_message, Refused counted on
@@ -405,6 +407,11 @@ class Worker:
                         sender.seal()
                     if self.stop_requested:
                         return
+                if now >= sender.seal_at:
+                    sender.seal()  # (a long burst: a batch is not held past its delay meanwhile)
+                if now >= next_tick:
+                    # Silence and keepalives by the tick, not at every wake-up: a recv times out after
+                    # TICK_SECS, so a silent connection still comes here at least that often.
                     if reader.frame_at > last_frame:
                         last_frame = reader.frame_at  # a control frame, a fragment, a binary message
                     if now - last_frame > silence:
@@ -413,9 +420,6 @@ class Worker:
                     if ping is not None:
                         limiter.wait()
                         link.ws.send(ping)
-                if now >= sender.seal_at:
-                    sender.seal()  # (a long burst: a batch is not held past its delay meanwhile)
-                if now >= next_tick:
                     self.messages += count
                     count = 0
                     self._tick(now)
