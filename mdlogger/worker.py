@@ -348,7 +348,7 @@ class Worker:
         timed out (the socket timeout is the tick) or a frame is still
         arriving. Silence, keepalives and the rest of the timing run at the
         tick, so a wake-up that brings a message or two costs no more than
-        handling them, sealing and one write. Within a long burst a batch
+        handling them and sealing their batch. Within a long burst a batch
         is sealed when full or ``batch_max_delay_ms`` after its first record. Pings, fragments, binary messages and bad
         frames are the reader's (mdlogger/wsframes.py). A message is handled
         inline: the steps of frames.deliver (on_message, Refused counted on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -168,13 +169,21 @@ def disk(tmp_path, monkeypatch):
         f.close()
 
 
+@contextlib.contextmanager
+def feed_pair():
+    """A real SEQPACKET pair, as WriterChild makes it: (ours, the writer's); both closed after."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        yield ours, theirs
+    finally:
+        theirs.close()
+        ours.close()
+
+
 @pytest.fixture
 def feed():
-    """A real SEQPACKET pair, as WriterChild makes it: (ours, the writer's)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
+    with feed_pair() as pair:
+        yield pair
 
 
 def trades_of(engine, key):
@@ -207,15 +216,11 @@ def test_the_thread_reads_only_the_tables_the_feed_names(disk, feed):
 
     # A new feed (a writer restart) brings one catch-up walk: ETH's unnamed row is picked up, once.
     seen["read"].clear()
-    ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
+    with feed_pair() as (ours2, theirs2):
         t.set_feed(ours2)
         t.step()
         assert seen["walks"] == 2 and seen["read"] == [(ETH, 1, 2)] and trades_of(engine, ETH) == 2
         assert ours.fileno() == -1 and t.feed is ours2  # the old feed is closed by the thread
-    finally:
-        theirs2.close()
-        ours2.close()
 
 
 def test_named_tables_are_merged_and_old_totals_read_nothing(disk, feed):
@@ -316,18 +321,14 @@ def test_the_feed_ending_brings_one_walk_and_a_replacement_thread_counts_nothing
     assert seen["walks"] == 2 and seen["read"] == [(BTC, 0, 2)]  # each row read once
 
     # The thread ends; its replacement takes its offsets and the next writer's feed: nothing is counted twice.
-    ours2, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    first.set_feed(ours2)
-    second = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, offsets=first.offsets,
-                             feed=first.take_feed(), fed=True)
-    try:
+    with feed_pair() as (ours2, theirs2):
+        first.set_feed(ours2)
+        second = AnalyticsThread(data, engine, threading.Event(), clock=lambda: T0 + 5, offsets=first.offsets,
+                                 feed=first.take_feed(), fed=True)
         total = append(files[BTC], (T0 + 3, 100.0, 1.0, BUY))
         theirs2.send(written((BTC, total)))
         second.step()
         assert trades_of(engine, BTC) == 3 and second.offsets[BTC] == 3 and second.feed is ours2
-    finally:
-        theirs2.close()
-        ours2.close()
 
 
 def test_a_new_day_follows_todays_tables_and_forgets_the_others(disk, feed):
